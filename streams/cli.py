@@ -1,0 +1,227 @@
+"""`inflow`: the one console script. Parses flags, builds Settings once, and dispatches.
+
+Every failure a user can cause (bad config, a port in use, a missing tool, no engine) ends
+as one line on stderr and exit code 2, never a traceback (INFLOW_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from streams.config import ConfigError, Settings
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    return Settings.load(overrides=overrides)
+
+
+def _dev_services(settings: Settings) -> Any:
+    from streams.dev.services import DEFAULT_KAFKA_VERSION, DevServices
+
+    cache = Path(os.environ.get("INFLOW_CACHE_DIR", Path.home() / ".cache" / "inflow"))
+    version = os.environ.get("INFLOW_KAFKA_VERSION", DEFAULT_KAFKA_VERSION)
+    return DevServices(settings.state_dir, cache, kafka_version=version)
+
+
+# --------------------------------------------------------------------------- dev
+
+
+def cmd_dev_up(args: argparse.Namespace) -> int:
+    services = _dev_services(Settings.load(env={**os.environ}))
+    endpoints = services.up(broker=args.broker, kafka_port=args.kafka_port, es_port=args.es_port)
+    for line in endpoints.env_lines():
+        print(line)
+    return 0
+
+
+def cmd_dev_down(args: argparse.Namespace) -> int:
+    services = _dev_services(Settings.load())
+    stopped = services.down()
+    for record in stopped:
+        print(f"stopped {record.name}: {record.description} (pid {record.pid})")
+    if not stopped:
+        print("nothing to stop")
+    return 0
+
+
+def cmd_dev_status(args: argparse.Namespace) -> int:
+    services = _dev_services(Settings.load())
+    code = 0
+    for name, record in services.status().items():
+        if record is None:
+            print(f"{name}: not running")
+            code = 1
+        else:
+            print(f"{name}: {record.description} pid {record.pid} at {record.address}")
+    return code
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.worker import run_worker
+
+    settings = _settings(args, web_host=args.web_host, web_port=args.web_port)
+    return run_worker(settings, loglevel=args.loglevel)
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streams.produce import produce_file
+
+    settings = _settings(args)
+    sent = produce_file(settings, args.file, fmt=args.format, topic=args.topic, key=args.key)
+    print(f"produced {sent} events to {args.topic or settings.texts_topic}", file=sys.stderr)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from streams.search_cli import run_search
+
+    return run_search(
+        _settings(args),
+        args.query,
+        label=args.label,
+        similar=args.similar,
+        k=args.k,
+        as_json=args.json,
+    )
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from streams.topics import ensure_topics_sync
+
+    settings = _settings(args, topic_partitions=args.partitions)
+    for line in ensure_topics_sync(settings):
+        print(line)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(_settings(args), n=args.n)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inflow", description="Streaming inference: Kafka -> engine -> Elasticsearch"
+    )
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="engine registry folder (default: INFLOW_ENGINE_DIR or .inflow/engines)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="local Kafka and search server for development")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
+    up = dev_sub.add_parser("up", help="start (idempotent) and print the endpoints")
+    up.add_argument(
+        "--broker",
+        choices=("auto", "kafka", "noida"),
+        default=os.environ.get("INFLOW_DEV_BROKER", "auto"),
+        help="kafka = genuine Apache Kafka (needs Java+Maven); noida = imitation; auto = "
+        "Apache Kafka when Java and Maven exist",
+    )
+    up.add_argument("--kafka-port", type=int, default=0, help="0 picks a free port")
+    up.add_argument("--es-port", type=int, default=0, help="0 picks a free port")
+    up.set_defaults(handler=cmd_dev_up)
+    dev_sub.add_parser("down", help="stop what `up` started").set_defaults(handler=cmd_dev_down)
+    dev_sub.add_parser("status", help="what runs").set_defaults(handler=cmd_dev_status)
+
+    worker = sub.add_parser("worker", help="run the agents and the web server")
+    worker.add_argument("--web-host", default=None, help="default 127.0.0.1")
+    worker.add_argument("--web-port", type=int, default=None, help="default 6066")
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(handler=cmd_worker)
+
+    produce = sub.add_parser("produce", help="publish text events from a file or stdin")
+    produce.add_argument("file", nargs="?", default="-", help="FILE or - for stdin")
+    produce.add_argument("--format", choices=("jsonl", "text"), default="jsonl")
+    produce.add_argument("--topic", default=None)
+    produce.add_argument("--key", choices=("id", "none"), default="id", help="message key")
+    produce.set_defaults(handler=cmd_produce)
+
+    search = sub.add_parser("search", help="search indexed predictions")
+    search.add_argument("query")
+    search.add_argument("--label", default=None)
+    search.add_argument("--similar", action="store_true", help="kNN by the query's embedding")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(handler=cmd_search)
+
+    topics = sub.add_parser("topics", help="create Inflow's topics when missing")
+    topics.add_argument("--partitions", type=int, default=None)
+    topics.set_defaults(handler=cmd_topics)
+
+    demo = sub.add_parser("demo", help="the end-to-end demo (make demo)")
+    demo.add_argument("-n", type=int, default=2000, help="number of real texts to publish")
+    demo.set_defaults(handler=cmd_demo)
+
+    try:
+        from engines.cli import add_commands
+    except ImportError:  # engines CLI not importable: keep the rest of the CLI usable
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ConfigError]
+    from streams.dev.services import DevError
+
+    errors.append(DevError)
+    try:
+        from engines.errors import EngineError
+    except ImportError:
+        pass
+    else:
+        errors.append(EngineError)
+    from streams.errors import InflowError
+
+    errors.append(InflowError)
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        if args.registry is not None:
+            os.environ["INFLOW_ENGINE_DIR"] = str(args.registry)
+        else:
+            args.registry = Settings.load().engine_dir
+        return handler(args)
+    except KeyboardInterrupt:
+        print("inflow: interrupted", file=sys.stderr)
+        return 130
+    except _known_errors() as exc:
+        print(f"inflow: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # last resort: still one line, the traceback only on request
+        if os.environ.get("INFLOW_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"inflow: unexpected {type(exc).__name__}: {exc} (INFLOW_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

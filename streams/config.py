@@ -1,0 +1,214 @@
+"""The one settings object: built from INFLOW_* environment variables, `.inflow/dev.env`, and flags.
+
+Precedence: command-line flag > environment variable > `.inflow/dev.env` (written by
+`inflow dev up`) > default. Built once by the CLI and passed down; nothing reads the
+environment elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+
+class ConfigError(Exception):
+    """Bad configuration: a one-line message that names the setting and what to do."""
+
+
+class Secret(str):
+    """A string that does not print itself (passwords, API keys)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+
+NO_SECRET = Secret("")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where things are
+    state_dir: Path = Path(".inflow")
+    kafka_bootstrap: str = ""
+    es_url: str = ""
+    engine_dir: Path = Path(".inflow/engines")
+    engine_version: str = ""  # pin a version; empty = follow the registry's active version
+
+    # Kafka security (PLAINTEXT in dev; SASL/SSL for real clusters)
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: Secret = NO_SECRET
+    kafka_ssl_cafile: str = ""
+
+    # Elasticsearch auth
+    es_api_key: Secret = NO_SECRET
+    es_username: str = ""
+    es_password: Secret = NO_SECRET
+    es_ca_certs: str = ""
+    es_verify_certs: bool = True
+    es_alias: str = "inflow-predictions"
+
+    # Topics and the consumer group
+    app_id: str = "inflow"
+    texts_topic: str = "inflow.texts"
+    predictions_topic: str = "inflow.predictions"
+    texts_dlq_topic: str = "inflow.texts.dlq"
+    predictions_dlq_topic: str = "inflow.predictions.dlq"
+    topic_partitions: int = 4
+    topic_replication: int = 1
+
+    # Inference micro-batching (defaults chosen by `inflow engine bench`; see README)
+    max_batch_size: int = 32
+    max_batch_tokens: int = 4096
+    max_wait_ms: int = 25
+    # Events decoded but not yet answered: bounds memory and gives backpressure.
+    max_in_flight: int = 256
+
+    # Index batching
+    index_batch_size: int = 500
+    index_max_wait_ms: int = 250
+    index_max_retries: int = 8
+
+    # Worker web server (health, metrics, search views)
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    engine_poll_s: float = 2.0  # how often the worker looks for a newly activated engine
+    log_level: str = "info"
+
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> Settings:
+        """Settings from env (default os.environ), `.inflow/dev.env`, then non-None overrides."""
+        env = dict(os.environ if env is None else env)
+        state_dir = Path(env.get("INFLOW_STATE_DIR", ".inflow"))
+        merged = {**read_env_file(state_dir / "dev.env"), **env}
+        values: dict[str, Any] = {"state_dir": state_dir}
+        if "INFLOW_ENGINE_DIR" not in merged:
+            values["engine_dir"] = state_dir / "engines"
+        for f in fields(cls):
+            key = f"INFLOW_{f.name.upper()}"
+            if f.name in ("extra", "state_dir") or key not in merged:
+                continue
+            values[f.name] = _coerce(f.name, cls.__dataclass_fields__[f.name].default, merged[key])
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = _coerce(name, cls.__dataclass_fields__[name].default, value)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        updated = replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        updated.validate()
+        return updated
+
+    def validate(self) -> None:
+        if self.topic_partitions < 1:
+            raise ConfigError("INFLOW_TOPIC_PARTITIONS must be at least 1")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ConfigError("INFLOW_MAX_BATCH_SIZE must be between 1 and 1024")
+        if self.max_batch_tokens < 1:
+            raise ConfigError("INFLOW_MAX_BATCH_TOKENS must be positive")
+        if self.max_wait_ms < 0:
+            raise ConfigError("INFLOW_MAX_WAIT_MS must be 0 or more")
+        if self.max_in_flight < self.max_batch_size:
+            raise ConfigError("INFLOW_MAX_IN_FLIGHT must be at least INFLOW_MAX_BATCH_SIZE")
+        if not 0 <= self.web_port <= 65535:
+            raise ConfigError("INFLOW_WEB_PORT must be a TCP port (0-65535)")
+        if self.kafka_security_protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(
+                f"INFLOW_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}"
+            )
+        if self.kafka_security_protocol.startswith("SASL"):
+            if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+                raise ConfigError(
+                    f"INFLOW_KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}"
+                )
+            if not self.kafka_sasl_username:
+                raise ConfigError("INFLOW_KAFKA_SASL_USERNAME (and _PASSWORD) must be set for SASL")
+        if self.es_url:
+            parsed = urlparse(self.es_url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ConfigError(
+                    f"INFLOW_ES_URL must look like http://host:9200, got {self.es_url!r}"
+                )
+        if self.kafka_bootstrap:
+            for server in self.kafka_bootstrap.split(","):
+                host, _, port = server.strip().rpartition(":")
+                if not host or not port.isdigit():
+                    raise ConfigError(
+                        f"INFLOW_KAFKA_BOOTSTRAP must be host:port[,host:port], "
+                        f"got {self.kafka_bootstrap!r}"
+                    )
+
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap:
+            raise ConfigError(
+                "no Kafka configured: set INFLOW_KAFKA_BOOTSTRAP=host:port or run `inflow dev up`"
+            )
+        return self.kafka_bootstrap
+
+    def require_es(self) -> str:
+        if not self.es_url:
+            raise ConfigError(
+                "no Elasticsearch configured: set INFLOW_ES_URL=http://host:9200 "
+                "or run `inflow dev up`"
+            )
+        return self.es_url
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.kafka_security_protocol in ("SSL", "SASL_SSL")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (as written by `inflow dev up`); missing file = no values."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    values = {}
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            values[key.strip()] = value.strip()
+    return values
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _coerce(name: str, default: Any, raw: Any) -> Any:
+    """Turn a flag or env string into the field's type, with a one-line error naming it."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if isinstance(default, bool):
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return lowered in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, Path):
+            return Path(raw)
+        if isinstance(default, Secret):
+            return Secret(raw)
+    except ValueError:
+        kind = _KIND_NAMES.get(type(default), type(default).__name__)
+        raise ConfigError(f"INFLOW_{name.upper()} must be {kind}, got {raw!r}") from None
+    return raw

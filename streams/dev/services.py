@@ -1,0 +1,510 @@
+"""Local services for development and tests: genuine Apache Kafka (KRaft) and the search server.
+
+Everything binds to 127.0.0.1 on free ports. Each process we start gets a PID file under
+`<state>/pids/` that records what it is, so `down` stops exactly what `up` started (by PID,
+after checking the PID still runs our command line) and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_KAFKA_VERSION = "4.1.1"
+LOOPBACK = "127.0.0.1"
+BrokerChoice = Literal["auto", "kafka", "noida"]
+Progress = Callable[[str], None]
+
+
+class DevError(Exception):
+    """A one-line, actionable failure of the local services (printed without a traceback)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    """What a PID file stores about one process we started."""
+
+    name: str  # "kafka" | "search" (one process may serve both when noida runs both sides)
+    kind: str  # "apache-kafka" | "noida-db"
+    pid: int
+    marker: str  # a string unique to our command line, checked before we signal the PID
+    address: str  # host:port for Kafka, URL for the search server
+    version: str
+    log: str
+
+    @property
+    def description(self) -> str:
+        if self.kind == "apache-kafka":
+            return f"Apache Kafka {self.version} (genuine, KRaft)"
+        if self.name == "kafka":
+            return f"noida-db {self.version} (Kafka wire protocol imitation)"
+        return f"noida-db {self.version} (Elasticsearch 8 API)"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    kafka_bootstrap: str
+    es_url: str
+    broker: ServiceRecord
+    search: ServiceRecord
+
+    def env_lines(self) -> list[str]:
+        return [f"INFLOW_KAFKA_BOOTSTRAP={self.kafka_bootstrap}", f"INFLOW_ES_URL={self.es_url}"]
+
+
+def _print_progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_port_free(port: int, what: str, host: str = LOOPBACK) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise DevError(
+                f"port {port} on {host} (wanted for {what}) is already in use: "
+                f"stop what holds it, or pass port 0 to pick a free one"
+            ) from None
+
+
+def pick_port(port: int, what: str) -> int:
+    if port == 0:
+        return free_port()
+    ensure_port_free(port, what)
+    return port
+
+
+def noida_binary() -> Path:
+    """The noida-db server binary itself (not its console-script wrapper, whose kill orphans it)."""
+    import noida_db
+
+    path = Path(noida_db.__file__).parent / "noida-db"
+    if not path.exists():
+        raise DevError(f"noida-db binary missing at {path}: pip install noida-db==0.2.3")
+    return path
+
+
+def noida_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("noida-db")
+
+
+# --------------------------------------------------------------------------- process helpers
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def _is_running(pid: int, marker: str) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and marker in _cmdline(pid)
+
+
+def _stop_pid(pid: int, marker: str, timeout_s: float = 20.0) -> None:
+    """SIGTERM the PID if it still runs our command, wait, then SIGKILL as a last resort."""
+    if not _is_running(pid, marker):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it when it is our child (tests start it in-process)
+        if not _is_running(pid, marker):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _spawn(cmd: list[str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        # Own session: the service outlives `inflow dev up` and ignores the terminal's Ctrl-C.
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])
+
+
+# --------------------------------------------------------------------------- readiness probes
+
+
+async def _kafka_metadata(bootstrap: str) -> int:
+    from aiokafka.client import AIOKafkaClient
+
+    # A broker that is still starting refuses connections; that is expected while probing.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    try:
+        await client.bootstrap()
+        metadata = await client.fetch_all_metadata()
+        return len(metadata.brokers())
+    finally:
+        await client.close()
+
+
+def kafka_ready(bootstrap: str) -> bool:
+    """True once a metadata request succeeds and names at least one broker."""
+    try:
+        return asyncio.run(asyncio.wait_for(_kafka_metadata(bootstrap), timeout=5)) > 0
+    except Exception:
+        return False
+
+
+def search_version(es_url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(es_url, timeout=2) as response:
+            body = json.loads(response.read())
+        return str(body["version"]["number"])
+    except (OSError, ValueError, KeyError, urllib.error.URLError):
+        return None
+
+
+def _wait_until(
+    ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DevError(f"{what} exited with code {proc.returncode} at start-up: {_tail(log)}")
+        if ready():
+            return
+        time.sleep(0.3)
+    raise DevError(f"{what} did not become ready within {timeout_s:.0f}s: see {log}")
+
+
+# --------------------------------------------------------------------------- Kafka jars
+
+
+def kafka_pom() -> Path:
+    return Path(str(resources.files("streams.dev").joinpath("kafka-pom.xml")))
+
+
+def kafka_log4j_config() -> Path:
+    return Path(str(resources.files("streams.dev").joinpath("log4j2.xml")))
+
+
+def fetch_kafka_jars(version: str, cache_dir: Path, progress: Progress = _print_progress) -> Path:
+    """Genuine Kafka jars from Maven Central, cached in `cache_dir/kafka-<version>/libs`."""
+    libs = cache_dir / f"kafka-{version}" / "libs"
+    if (libs / f"kafka_2.13-{version}.jar").exists():
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise DevError(
+            "Maven (mvn) not found: install it (apt-get install maven) to fetch Apache Kafka, "
+            "or run with --broker noida"
+        )
+    staging = libs.parent / f"libs.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True, exist_ok=True)
+    log_path = libs.parent / "fetch.log"
+    cmd = [
+        mvn, "-B", "-f", str(kafka_pom()), f"-Dkafka.version={version}",
+        "dependency:copy-dependencies", f"-DoutputDirectory={staging}",
+    ]  # fmt: skip
+    progress(f"fetching Apache Kafka {version} jars from Maven Central (once; cached in {libs})")
+    downloaded = 0
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None  # for the type checker: stdout=PIPE above
+        for line in proc.stdout:
+            log.write(line)
+            if "Downloaded from" in line:
+                downloaded += 1
+                if downloaded % 10 == 0:
+                    progress(f"  ... {downloaded} artifacts downloaded")
+        code = proc.wait()
+    if code != 0 or not (staging / f"kafka_2.13-{version}.jar").exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DevError(
+            f"could not fetch Apache Kafka {version} jars from Maven Central (mvn exit {code}; "
+            f"log: {log_path}): check access to Maven Central and that {version} is a released "
+            f"4.x version (INFLOW_KAFKA_VERSION)"
+        )
+    if libs.exists():  # another process won the race: keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        staging.rename(libs)
+    progress(f"  fetched {sum(1 for _ in libs.glob('*.jar'))} jars")
+    return libs
+
+
+# --------------------------------------------------------------------------- the services
+
+
+class DevServices:
+    """Starts, reports and stops the local broker and search server under one state folder."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        cache_dir: Path,
+        kafka_version: str = DEFAULT_KAFKA_VERSION,
+        progress: Progress = _print_progress,
+    ) -> None:
+        self.state_dir = state_dir
+        self.cache_dir = cache_dir
+        self.kafka_version = kafka_version
+        self.progress = progress
+        self.pid_dir = state_dir / "pids"
+        self.log_dir = state_dir / "logs"
+
+    @property
+    def env_file(self) -> Path:
+        return self.state_dir / "dev.env"
+
+    # -- records
+
+    def _record_path(self, name: str) -> Path:
+        return self.pid_dir / f"{name}.json"
+
+    def _save(self, record: ServiceRecord) -> None:
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._record_path(record.name).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(record)))
+        os.replace(tmp, self._record_path(record.name))
+
+    def load(self, name: str) -> ServiceRecord | None:
+        try:
+            return ServiceRecord(**json.loads(self._record_path(name).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def running(self, name: str) -> ServiceRecord | None:
+        record = self.load(name)
+        if record is not None and _is_running(record.pid, record.marker):
+            return record
+        return None
+
+    # -- lifecycle
+
+    def up(self, broker: BrokerChoice = "auto", kafka_port: int = 0, es_port: int = 0) -> Endpoints:
+        """Idempotent: reuses services that already run from this state folder.
+
+        Everything that can fail cheaply (ports, tools, the jar fetch) is checked before any
+        process starts, and a failed broker start stops the search server this call started.
+        """
+        search = self.running("search")
+        kafka = self.running("kafka")
+        kind = self._broker_kind(broker) if kafka is None else kafka.kind
+        if search is None and es_port:
+            ensure_port_free(es_port, "the search server")
+        if kafka is None and kafka_port:
+            ensure_port_free(kafka_port, "the Kafka broker")
+        libs = (
+            fetch_kafka_jars(self.kafka_version, self.cache_dir, self.progress)
+            if (kafka is None and kind == "apache-kafka")
+            else None
+        )
+        started_search = search is None
+        if search is None:
+            search = self._start_search(es_port)
+        try:
+            if kafka is None:
+                kafka = (
+                    self._start_apache_kafka(kafka_port, libs)
+                    if libs is not None
+                    else self._start_noida_kafka(kafka_port)
+                )
+        except BaseException:
+            if started_search:
+                _stop_pid(search.pid, search.marker)
+                self._record_path("search").unlink(missing_ok=True)
+            raise
+        endpoints = Endpoints(kafka.address, search.address, kafka, search)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.env_file.write_text("\n".join(endpoints.env_lines()) + "\n")
+        return endpoints
+
+    def _broker_kind(self, broker: BrokerChoice) -> str:
+        """'apache-kafka' or 'noida-db'; auto falls back to noida-db only without Java/Maven."""
+        if broker == "noida":
+            return "noida-db"
+        cached = (self.cache_dir / f"kafka-{self.kafka_version}" / "libs").exists()
+        needed = ("java",) if cached else ("java", "mvn")
+        missing = [tool for tool in needed if shutil.which(tool) is None]
+        if not missing:
+            return "apache-kafka"
+        hint = "install a JDK 17+ and Maven (apt-get install openjdk-17-jre-headless maven)"
+        if broker == "kafka":
+            raise DevError(f"{' and '.join(missing)} not found: {hint}, or use --broker noida")
+        self.progress(
+            f"{' and '.join(missing)} not found, so the broker is noida-db (a Kafka imitation); "
+            f"for genuine Apache Kafka, {hint}"
+        )
+        return "noida-db"
+
+    def down(self) -> list[ServiceRecord]:
+        stopped = []
+        for name in ("kafka", "search"):
+            record = self.load(name)
+            if record is None:
+                continue
+            _stop_pid(record.pid, record.marker)
+            self._record_path(name).unlink(missing_ok=True)
+            stopped.append(record)
+        self.env_file.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> dict[str, ServiceRecord | None]:
+        return {name: self.running(name) for name in ("kafka", "search")}
+
+    # -- starters
+
+    def _start_search(self, port: int) -> ServiceRecord:
+        port = pick_port(port, "the search server")
+        data_dir = self.state_dir / "search-data"
+        log = self.log_dir / "search.log"
+        cmd = [
+            str(noida_binary()), "start", "--only", "elasticsearch", "--host", LOOPBACK,
+            "--elasticsearch-port", str(port), "--data-dir", str(data_dir),
+        ]  # fmt: skip
+        proc = _spawn(cmd, log)
+        url = f"http://{LOOPBACK}:{port}"
+        _wait_until(lambda: search_version(url) is not None, proc, "the search server", log, 30)
+        record = ServiceRecord(
+            "search", "noida-db", proc.pid, str(data_dir), url, noida_version(), str(log)
+        )
+        self._save(record)
+        self.progress(f"search: {record.description}, ES API {search_version(url)}, pid {proc.pid}")
+        return record
+
+    def _start_noida_kafka(self, port: int) -> ServiceRecord:
+        port = pick_port(port, "the Kafka broker")
+        data_dir = self.state_dir / "noida-kafka-data"
+        log = self.log_dir / "kafka.log"
+        cmd = [
+            str(noida_binary()), "start", "--only", "kafka", "--host", LOOPBACK,
+            "--kafka-port", str(port), "--data-dir", str(data_dir),
+        ]  # fmt: skip
+        proc = _spawn(cmd, log)
+        bootstrap = f"{LOOPBACK}:{port}"
+        _wait_until(lambda: kafka_ready(bootstrap), proc, "the noida-db broker", log, 30)
+        record = ServiceRecord(
+            "kafka", "noida-db", proc.pid, str(data_dir), bootstrap, noida_version(), str(log)
+        )
+        self._save(record)
+        self.progress(f"broker: {record.description}, pid {proc.pid}")
+        return record
+
+    def _start_apache_kafka(self, port: int, libs: Path) -> ServiceRecord:
+        port = pick_port(port, "the Kafka broker")
+        controller_port = free_port()
+        kafka_dir = self.state_dir / "kafka"
+        data_dir = kafka_dir / "data"
+        shutil.rmtree(data_dir, ignore_errors=True)  # a dev broker starts empty every `up`
+        kafka_dir.mkdir(parents=True, exist_ok=True)
+        properties = kafka_dir / "server.properties"
+        properties.write_text(
+            _server_properties(port=port, controller_port=controller_port, data_dir=data_dir)
+        )
+        java = shutil.which("java") or "java"
+        classpath = f"{libs}/*"
+        log = self.log_dir / "kafka.log"
+        fmt = subprocess.run(
+            [
+                java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
+                "--cluster-id", _kafka_cluster_id(), "--config", str(properties),
+            ],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if fmt.returncode != 0:
+            detail = (fmt.stderr or fmt.stdout).strip().splitlines()[-1:]
+            raise DevError(f"Kafka storage format failed: {' '.join(detail)}")
+        heap = os.environ.get("INFLOW_KAFKA_HEAP", "-Xms256m -Xmx1g").split()
+        cmd = [
+            java, *heap, "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={kafka_log4j_config()}",
+            "-cp", classpath, "kafka.Kafka", str(properties),
+        ]  # fmt: skip
+        self.progress(f"starting Apache Kafka {self.kafka_version} on {LOOPBACK}:{port}")
+        proc = _spawn(cmd, log)
+        bootstrap = f"{LOOPBACK}:{port}"
+        _wait_until(lambda: kafka_ready(bootstrap), proc, "Apache Kafka", log, 90)
+        record = ServiceRecord(
+            "kafka", "apache-kafka", proc.pid, str(properties), bootstrap, self.kafka_version,
+            str(log),
+        )  # fmt: skip
+        self._save(record)
+        self.progress(f"broker: {record.description}, pid {proc.pid}")
+        return record
+
+
+def _kafka_cluster_id() -> str:
+    """Kafka's Uuid string form: 16 random bytes, URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _server_properties(*, port: int, controller_port: int, data_dir: Path) -> str:
+    settings = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.bootstrap.servers": f"{LOOPBACK}:{controller_port}",
+        "listeners": f"PLAINTEXT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "log.dirs": str(data_dir),
+        "num.partitions": "4",
+        "auto.create.topics.enable": "false",  # Inflow creates its topics with the intended count
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "8",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "log.retention.hours": "24",
+    }
+    return "".join(f"{key}={value}\n" for key, value in settings.items())

@@ -1,0 +1,17 @@
+"""Errors of the streaming layer. Each carries a one-line message that says what to do."""
+
+from __future__ import annotations
+
+
+class InflowError(Exception):
+    """Root of the errors the CLI prints as one line."""
+
+    retriable: bool = False
+
+
+class KafkaUnavailable(InflowError):
+    retriable = True
+
+
+class SearchUnavailable(InflowError):
+    retriable = True
