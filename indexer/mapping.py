@@ -1,0 +1,125 @@
+"""Index template, alias and write index for Prediction documents."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from elasticsearch import ApiError, AsyncElasticsearch
+
+from indexer.errors import IndexSetupError
+
+DEFAULT_ALIAS = "inflow-predictions"
+EMBEDDING_DIMS = 384
+EMBEDDING_FIELD = "embedding"
+MAPPINGS_RESOURCE = "prediction_mappings.json"
+# Above the built-in templates (priority 100 for logs-*-*, metrics-*-*, ...), so a
+# configured alias that happens to overlap one of their patterns still gets ours.
+TEMPLATE_PRIORITY = 500
+TEMPLATE_VERSION = 1
+
+# Leaves room for the "-000001" suffix within Elasticsearch's 255-byte name limit.
+_ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
+
+
+def validate_alias(alias: str) -> str:
+    """Return ``alias`` if Elasticsearch accepts it as an index/alias name, else raise."""
+    if not _ALIAS_RE.fullmatch(alias) or alias in {".", ".."}:
+        raise ValueError(
+            f"invalid alias {alias!r}: lowercase letters, digits, '.', '_' and '-' only, "
+            "not starting with '.', '_' or '-', at most 200 characters"
+        )
+    return alias
+
+
+@cache
+def _packaged_mappings() -> dict[str, Any]:
+    # Next to this module rather than importlib.resources: an editable install made before
+    # the package had an __init__ registers it as a namespace, which resources cannot read.
+    text = Path(__file__).with_name(MAPPINGS_RESOURCE).read_text("utf-8")
+    mappings: dict[str, Any] = json.loads(text)
+    dims = mappings["properties"][EMBEDDING_FIELD]["dims"]
+    if dims != EMBEDDING_DIMS:  # the JSON file and the constant must never drift apart
+        raise RuntimeError(f"{MAPPINGS_RESOURCE}: embedding dims {dims} != {EMBEDDING_DIMS}")
+    return mappings
+
+
+def prediction_mappings() -> dict[str, Any]:
+    """The mappings of a predictions index (a fresh copy the caller may change)."""
+    return copy.deepcopy(_packaged_mappings())
+
+
+def index_pattern(alias: str) -> str:
+    """The pattern of the concrete indices behind ``alias``."""
+    return f"{validate_alias(alias)}-*"
+
+
+def first_index_name(alias: str) -> str:
+    """The first concrete index behind ``alias`` (rollover-style numbering)."""
+    return f"{validate_alias(alias)}-000001"
+
+
+def index_template(alias: str, *, shards: int = 1, replicas: int | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``indices.put_index_template`` covering ``alias``'s indices."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if replicas is not None and replicas < 0:
+        raise ValueError(f"replicas must be >= 0, got {replicas}")
+    settings: dict[str, Any] = {"number_of_shards": shards}
+    if replicas is not None:
+        settings["number_of_replicas"] = replicas
+    return {
+        "name": validate_alias(alias),
+        "index_patterns": [index_pattern(alias)],
+        "priority": TEMPLATE_PRIORITY,
+        "version": TEMPLATE_VERSION,
+        "meta": {"managed_by": "inflow.indexer", "document": "Prediction"},
+        "template": {"settings": {"index": settings}, "mappings": prediction_mappings()},
+    }
+
+
+def _error_type(exc: ApiError) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("type", exc.message))
+    return str(exc.message)
+
+
+async def ensure_index(
+    es: AsyncElasticsearch,
+    alias: str = DEFAULT_ALIAS,
+    *,
+    shards: int = 1,
+    replicas: int | None = None,
+) -> None:
+    """Put the index template and, if ``alias`` is missing, its first write index.
+
+    Idempotent, and safe when several workers start at once: losing the race to
+    create the index is fine as long as the alias exists afterwards. An existing
+    index keeps its mappings; a changed template only applies to later indices.
+    """
+    await es.indices.put_index_template(**index_template(alias, shards=shards, replicas=replicas))
+    if await es.indices.exists_alias(name=alias):
+        return
+    if await es.indices.exists(index=alias):
+        # Not an alias (checked above), so a concrete index or data stream holds the name,
+        # typically from writes before the template existed. Real Elasticsearch would
+        # refuse the alias below anyway; this says why (and some imitations do not refuse).
+        raise IndexSetupError(f"{alias!r} is a concrete index or data stream, not an alias")
+    index = first_index_name(alias)
+    try:
+        await es.indices.create(index=index, aliases={alias: {"is_write_index": True}})
+    except ApiError as exc:
+        if exc.meta.status == 429 or exc.meta.status >= 500:
+            raise  # transient: the caller's retry loop handles it
+        if _error_type(exc) != "resource_already_exists_exception":
+            message = f"cannot create index {index!r} for alias {alias!r}: {exc}"
+            raise IndexSetupError(message) from exc
+    if not await es.indices.exists_alias(name=alias):
+        # The index exists but the alias does not point at it (someone removed it):
+        # writing through the alias would fail, and guessing a repair is not ours to do.
+        raise IndexSetupError(f"index {index!r} exists but alias {alias!r} does not point at it")

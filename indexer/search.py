@@ -1,0 +1,346 @@
+"""Searching predictions: pure query builders and response parsers, and a thin ``Searcher``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from elasticsearch import ApiError, AsyncElasticsearch, TransportError
+
+from indexer.client import ClientSlot, EsSettings
+from indexer.errors import IndexRequestError, IndexUnavailable
+from indexer.mapping import DEFAULT_ALIAS, EMBEDDING_DIMS, EMBEDDING_FIELD, validate_alias
+
+TimeField = Literal["event_ts", "processed_ts"]
+DateLike = datetime | str
+MAX_RESULT_WINDOW = 10_000  # Elasticsearch's default index.max_result_window and kNN cap
+# Vectors are large and rarely wanted in results; leave them on the server.
+SOURCE_FILTER: dict[str, Any] = {"excludes": [EMBEDDING_FIELD]}
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One matching prediction."""
+
+    id: str
+    score: float | None
+    label: str | None
+    text: str | None
+    scores: dict[str, float]
+    model_version: str | None
+    event_ts: str | None
+    processed_ts: str | None
+    highlight: list[str] = field(default_factory=list)
+    doc: Mapping[str, Any] = field(default_factory=dict)  # the stored document, no embedding
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """Hits in rank order, with the total the server reports."""
+
+    total: int
+    total_is_exact: bool
+    took_ms: int
+    hits: list[Hit]
+
+
+def _date(value: DateLike) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # a naive time is ambiguous; UTC is a guess we will not make
+            raise ValueError(f"datetime {value!r} has no timezone")
+        return value.isoformat()
+    return value  # RFC 3339 or Elasticsearch date math such as "now-1h"
+
+
+def build_filters(
+    *,
+    label: str | Sequence[str] | None = None,
+    model_version: str | None = None,
+    since: DateLike | None = None,
+    until: DateLike | None = None,
+    time_field: TimeField = "processed_ts",
+) -> list[dict[str, Any]]:
+    """Filter clauses (no scoring): labels, model version, and ``since <= time < until``."""
+    clauses: list[dict[str, Any]] = []
+    if isinstance(label, str):
+        clauses.append({"term": {"label": label}})
+    elif label is not None:
+        clauses.append({"terms": {"label": list(label)}})
+    if model_version is not None:
+        clauses.append({"term": {"model.version": model_version}})
+    if since is not None or until is not None:
+        bounds: dict[str, str] = {}
+        if since is not None:
+            bounds["gte"] = _date(since)
+        if until is not None:
+            bounds["lt"] = _date(until)
+        clauses.append({"range": {time_field: bounds}})
+    return clauses
+
+
+def _check_k(k: int) -> None:
+    if not 1 <= k <= MAX_RESULT_WINDOW:
+        raise ValueError(f"k must be in 1..{MAX_RESULT_WINDOW}, got {k}")
+
+
+def build_text_query(
+    q: str,
+    *,
+    k: int = 10,
+    filters: Sequence[Mapping[str, Any]] = (),
+    highlight: bool = True,
+) -> dict[str, Any]:
+    """A search body: full-text ``match`` on ``text`` (all words optional, best first).
+
+    A blank ``q`` matches every document, so filters alone can be browsed.
+    """
+    _check_k(k)
+    must: dict[str, Any] = {"match": {"text": {"query": q}}} if q.strip() else {"match_all": {}}
+    body: dict[str, Any] = {
+        "query": {"bool": {"must": [must], "filter": [dict(f) for f in filters]}},
+        "size": k,
+        "_source": SOURCE_FILTER,
+    }
+    if highlight and q.strip():
+        body["highlight"] = {"fields": {"text": {}}}
+    return body
+
+
+def check_vector(vector: Sequence[float], dims: int = EMBEDDING_DIMS) -> list[float]:
+    """``vector`` as a list of floats; raises if its length, values or norm cannot be searched."""
+    values = [float(v) for v in vector]
+    if len(values) != dims:
+        raise ValueError(f"vector has {len(values)} dimensions, the index has {dims}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("vector has NaN or infinite values")
+    if not any(values):  # cosine similarity is undefined for the zero vector
+        raise ValueError("vector is all zeros")
+    return values
+
+
+def build_knn_query(
+    vector: Sequence[float],
+    *,
+    k: int = 10,
+    num_candidates: int | None = None,
+    filters: Sequence[Mapping[str, Any]] = (),
+    dims: int = EMBEDDING_DIMS,
+) -> dict[str, Any]:
+    """A search body: top-level approximate kNN on ``embedding``, filtered during the search
+    (not after it, so a selective filter still returns ``k`` hits)."""
+    _check_k(k)
+    candidates = num_candidates if num_candidates is not None else max(100, 10 * k)
+    candidates = min(candidates, MAX_RESULT_WINDOW)
+    if candidates < k:
+        raise ValueError(f"num_candidates ({candidates}) must be >= k ({k})")
+    knn: dict[str, Any] = {
+        "field": EMBEDDING_FIELD,
+        "query_vector": check_vector(vector, dims),
+        "k": k,
+        "num_candidates": candidates,
+    }
+    if filters:
+        knn["filter"] = [dict(f) for f in filters]
+    return {"knn": knn, "size": k, "_source": SOURCE_FILTER}
+
+
+def build_label_counts_query(
+    *, q: str | None = None, filters: Sequence[Mapping[str, Any]] = (), size: int = 100
+) -> dict[str, Any]:
+    """A search body counting documents per label (terms aggregation, no hits)."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    query = build_text_query(q or "", filters=filters, highlight=False)["query"]
+    return {
+        "size": 0,
+        "query": query,
+        "aggs": {"labels": {"terms": {"field": "label", "size": size}}},
+    }
+
+
+def build_count_query(filters: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """A ``_count`` body."""
+    return {"query": {"bool": {"filter": [dict(f) for f in filters]}}}
+
+
+def parse_hit(raw: Mapping[str, Any]) -> Hit:
+    """A ``Hit`` from one element of ``hits.hits``."""
+    doc: Mapping[str, Any] = raw.get("_source") or {}
+    model = doc.get("model")
+    scores = doc.get("scores")
+    highlight = raw.get("highlight") or {}
+    return Hit(
+        id=str(raw["_id"]),
+        score=raw.get("_score"),
+        label=doc.get("label"),
+        text=doc.get("text"),
+        scores=(
+            {str(k): float(v) for k, v in scores.items() if isinstance(v, int | float)}
+            if isinstance(scores, Mapping)
+            else {}
+        ),
+        model_version=model.get("version") if isinstance(model, Mapping) else None,
+        event_ts=doc.get("event_ts"),
+        processed_ts=doc.get("processed_ts"),
+        highlight=list(highlight.get("text", [])),
+        doc=doc,
+    )
+
+
+def parse_search_response(response: Mapping[str, Any]) -> SearchResult:
+    """A ``SearchResult`` from a ``_search`` response body."""
+    hits = response.get("hits", {})
+    total = hits.get("total") or {}
+    return SearchResult(
+        total=int(total.get("value", 0)),
+        total_is_exact=total.get("relation", "eq") == "eq",
+        took_ms=int(response.get("took", 0)),
+        hits=[parse_hit(h) for h in hits.get("hits", [])],
+    )
+
+
+def parse_label_counts(response: Mapping[str, Any]) -> dict[str, int]:
+    """``{label: count}``, most frequent first, from a label-counts response body."""
+    buckets = response.get("aggregations", {}).get("labels", {}).get("buckets", [])
+    return {str(b["key"]): int(b["doc_count"]) for b in buckets}
+
+
+class Searcher:
+    """Queries the predictions alias. Same lifecycle as ``BulkWriter``."""
+
+    def __init__(
+        self,
+        settings: EsSettings | None = None,
+        *,
+        client: AsyncElasticsearch | None = None,
+        alias: str = DEFAULT_ALIAS,
+    ) -> None:
+        self._slot = ClientSlot(settings, client)
+        self._alias = validate_alias(alias)
+
+    async def start(self) -> None:
+        self._slot.open()
+
+    async def stop(self) -> None:
+        """Close the client if this searcher opened it. Safe to call twice."""
+        await self._slot.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def search_text(
+        self,
+        q: str,
+        *,
+        label: str | Sequence[str] | None = None,
+        model_version: str | None = None,
+        since: DateLike | None = None,
+        until: DateLike | None = None,
+        time_field: TimeField = "processed_ts",
+        k: int = 10,
+    ) -> SearchResult:
+        """Full-text search on ``text``, best match first, with highlights."""
+        filters = build_filters(
+            label=label,
+            model_version=model_version,
+            since=since,
+            until=until,
+            time_field=time_field,
+        )
+        return parse_search_response(await self._search(build_text_query(q, k=k, filters=filters)))
+
+    async def search_similar(
+        self,
+        vector: Sequence[float],
+        *,
+        k: int = 10,
+        num_candidates: int | None = None,
+        label: str | Sequence[str] | None = None,
+        model_version: str | None = None,
+        since: DateLike | None = None,
+        until: DateLike | None = None,
+        time_field: TimeField = "processed_ts",
+    ) -> SearchResult:
+        """The ``k`` documents whose embeddings are nearest ``vector`` (cosine), best first."""
+        filters = build_filters(
+            label=label,
+            model_version=model_version,
+            since=since,
+            until=until,
+            time_field=time_field,
+        )
+        body = build_knn_query(vector, k=k, num_candidates=num_candidates, filters=filters)
+        return parse_search_response(await self._search(body))
+
+    async def label_counts(
+        self,
+        *,
+        q: str | None = None,
+        model_version: str | None = None,
+        since: DateLike | None = None,
+        until: DateLike | None = None,
+        time_field: TimeField = "processed_ts",
+        size: int = 100,
+    ) -> dict[str, int]:
+        """Documents per label among those matching ``q`` and the filters."""
+        filters = build_filters(
+            model_version=model_version, since=since, until=until, time_field=time_field
+        )
+        body = build_label_counts_query(q=q, filters=filters, size=size)
+        return parse_label_counts(await self._search(body))
+
+    async def count(
+        self,
+        *,
+        label: str | Sequence[str] | None = None,
+        model_version: str | None = None,
+        since: DateLike | None = None,
+        until: DateLike | None = None,
+        time_field: TimeField = "processed_ts",
+    ) -> int:
+        """How many documents match the filters (all of them without filters)."""
+        filters = build_filters(
+            label=label,
+            model_version=model_version,
+            since=since,
+            until=until,
+            time_field=time_field,
+        )
+        es = self._slot.get()
+        try:
+            response = await es.count(index=self._alias, body=build_count_query(filters))
+        except (TransportError, ApiError) as exc:
+            raise _translate(exc) from exc
+        return int(response.body["count"])
+
+    async def _search(self, body: dict[str, Any]) -> Mapping[str, Any]:
+        es = self._slot.get()
+        try:
+            response = await es.search(index=self._alias, body=body)
+        except (TransportError, ApiError) as exc:
+            raise _translate(exc) from exc
+        result: Mapping[str, Any] = response.body
+        return result
+
+
+def _translate(exc: TransportError | ApiError) -> IndexUnavailable | IndexRequestError:
+    """Client errors as the indexer's typed errors: retriable ones as ``IndexUnavailable``."""
+    if isinstance(exc, TransportError):
+        return IndexUnavailable(f"{type(exc).__name__}: {exc}", attempts=1, pending_ids=[])
+    status = exc.meta.status
+    if status == 429 or status >= 500:
+        return IndexUnavailable(f"HTTP {status}: {exc}", attempts=1, pending_ids=[])
+    return IndexRequestError(f"search refused: HTTP {status}: {exc}", status=status)

@@ -1,0 +1,110 @@
+"""Typed wire models for Inflow (v1): what travels on `inflow.texts` and `inflow.predictions`.
+
+The JSON Schema files in `schemas/json/` describe the same contracts for other languages;
+`schemas.codec` is the one run-time path that decodes and validates them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+import msgspec
+
+SCHEMA_VERSION = "v1"
+MAX_TEXT_CHARS = 100_000
+MAX_ID_CHARS = 256
+EMBEDDING_DIM = 384
+# Epoch milliseconds of 0001-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z: the instants
+# an RFC 3339 timestamp (four-digit year) can name, so every accepted `ts` can be written back.
+MIN_TS_MS = -62_135_596_800_000
+MAX_TS_MS = 253_402_300_799_999
+
+
+class ErrorCode(StrEnum):
+    """Why a record was dead-lettered. Values travel in the `inflow.error.code` header."""
+
+    # decode stage (TextEvent)
+    EMPTY_VALUE = "empty_value"  # zero-byte value or a Kafka null value (tombstone)
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"  # valid JSON, but an array, scalar or null
+    MISSING_TEXT = "missing_text"  # no `text` field, or `"text": null`
+    WRONG_TYPE = "wrong_type"  # a known field holds the wrong JSON type
+    EMPTY_TEXT = "empty_text"  # empty or whitespace-only text
+    TEXT_TOO_LONG = "text_too_long"
+    EMPTY_ID = "empty_id"
+    ID_TOO_LONG = "id_too_long"
+    INVALID_TS = "invalid_ts"
+    # later stages
+    INFERENCE_FAILED = "inference_failed"
+    INVALID_PREDICTION = "invalid_prediction"
+    INDEX_REJECTED = "index_rejected"
+
+
+class Stage(StrEnum):
+    """The pipeline stage that gave up on a record (`inflow.error.stage`)."""
+
+    DECODE = "decode"
+    INFER = "infer"
+    PUBLISH = "publish"
+    INDEX = "index"
+
+
+class DecodeError(msgspec.Struct, frozen=True):
+    """A record that could not be used, as a value: `code` is an `ErrorCode` value.
+
+    `message` is one line that says what is wrong and what was expected.
+    """
+
+    code: str
+    message: str
+
+
+class TextEvent(msgspec.Struct, frozen=True):
+    """A validated input event. `id` is always set (defaulted from the Kafka position)."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any] | None
+    ts_ms: int | None  # event time, epoch milliseconds (UTC)
+
+
+class ModelRef(msgspec.Struct, frozen=True):
+    """The exact model artifact that made a prediction."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1)]
+    version: Annotated[str, msgspec.Meta(min_length=1)]
+    backend: Annotated[str, msgspec.Meta(min_length=1)]
+    precision: Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Source(msgspec.Struct, frozen=True):
+    """Where the input event was read from."""
+
+    topic: Annotated[str, msgspec.Meta(min_length=1)]
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    offset: Annotated[int, msgspec.Meta(ge=0)]
+
+
+# The Annotated constraints are checked by `decode_prediction` (msgspec reads them while
+# decoding); they cost nothing when a Prediction is built in Python.
+_Score = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class Prediction(msgspec.Struct, frozen=True):
+    """One model output for one TextEvent, as published on `inflow.predictions`."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+    label: Annotated[str, msgspec.Meta(min_length=1)]
+    scores: Annotated[dict[str, _Score], msgspec.Meta(min_length=1)]
+    embedding: Annotated[
+        list[float], msgspec.Meta(min_length=EMBEDDING_DIM, max_length=EMBEDDING_DIM)
+    ]
+    model: ModelRef
+    truncated: bool
+    event_ts: str | None  # RFC 3339, UTC
+    processed_ts: str  # RFC 3339, UTC
+    metadata: dict[str, Any] | None
+    source: Source

@@ -1,0 +1,456 @@
+"""Unit tests of the indexer's pure parts, and of the retry loop against a fake client."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from types import MappingProxyType, SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
+from elasticsearch import ApiError, AsyncElasticsearch, ConnectionError
+
+from indexer.actions import (
+    EncodedAction,
+    ItemStatus,
+    build_action,
+    chunk_actions,
+    encode_action,
+    parse_bulk_response,
+)
+from indexer.bulk import BulkWriter, RetryPolicy
+from indexer.client import EsSettings
+from indexer.errors import IndexRequestError, IndexUnavailable, LifecycleError
+from indexer.mapping import (
+    EMBEDDING_DIMS,
+    TEMPLATE_PRIORITY,
+    first_index_name,
+    index_template,
+    validate_alias,
+)
+from indexer.search import (
+    build_count_query,
+    build_filters,
+    build_knn_query,
+    build_label_counts_query,
+    build_text_query,
+    parse_label_counts,
+    parse_search_response,
+)
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def unit_vector(seed: int, dims: int = EMBEDDING_DIMS) -> list[float]:
+    rng = random.Random(seed)
+    v = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    norm = math.sqrt(sum(x * x for x in v))
+    return [x / norm for x in v]
+
+
+def prediction(i: int, **changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": f"ev-{i}",
+        "text": f"text number {i}",
+        "label": "positive",
+        "scores": {"positive": 0.9, "negative": 0.1},
+        "embedding": unit_vector(i),
+        "model": {"name": "minilm", "version": "1", "backend": "onnxruntime", "precision": "fp32"},
+        "truncated": False,
+        "event_ts": None,
+        "processed_ts": "2024-05-01T12:00:00Z",
+        "metadata": None,
+        "source": {"topic": "inflow.texts", "partition": 0, "offset": i},
+    }
+    doc.update(changes)
+    return doc
+
+
+def encoded(position: int, size: int) -> EncodedAction:
+    return EncodedAction(position, f"id{position}", {}, b"x" * size)
+
+
+def api_error(status: int, error_type: str = "es_rejected_execution_exception") -> ApiError:
+    meta = ApiResponseMeta(
+        status=status,
+        http_version="1.1",
+        headers=HttpHeaders(),
+        duration=0.0,
+        node=NodeConfig("http", "localhost", 9200),
+    )
+    body = {"error": {"type": error_type, "reason": "crafted"}, "status": status}
+    return ApiError(error_type, meta=meta, body=body)
+
+
+def item(doc_id: str, status: int, error_type: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"_index": "a-000001", "_id": doc_id, "status": status}
+    if error_type is not None:
+        body["error"] = {"type": error_type, "reason": f"because {doc_id}"}
+    return {"index": body}
+
+
+# -- mapping -------------------------------------------------------------------------------
+
+
+def test_template_covers_alias_indices_with_a_cosine_vector() -> None:
+    body = index_template("inflow-predictions", replicas=0)
+    assert body["index_patterns"] == ["inflow-predictions-*"]
+    assert body["priority"] == TEMPLATE_PRIORITY
+    assert body["template"]["settings"]["index"] == {"number_of_shards": 1, "number_of_replicas": 0}
+    props = body["template"]["mappings"]["properties"]
+    assert props["embedding"] == {
+        "type": "dense_vector",
+        "dims": 384,
+        "index": True,
+        "similarity": "cosine",
+    }
+    assert props["label"]["type"] == "keyword"
+    assert props["text"]["fields"]["keyword"]["ignore_above"] == 256
+    assert props["source"]["properties"]["offset"]["type"] == "long"
+    assert first_index_name("inflow-predictions") == "inflow-predictions-000001"
+    # Each call returns a copy: callers cannot corrupt the packaged mappings.
+    props["label"]["type"] = "text"
+    assert index_template("x")["template"]["mappings"]["properties"]["label"]["type"] == "keyword"
+
+
+@pytest.mark.parametrize("alias", ["", "Upper", "_x", "-x", "a b", "a*", "a" * 201])
+def test_invalid_alias_names_are_refused(alias: str) -> None:
+    with pytest.raises(ValueError, match="invalid alias"):
+        validate_alias(alias)
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+def test_action_id_is_the_event_id_and_encodes_to_two_lines() -> None:
+    action = build_action(prediction(7), "my-alias")
+    assert (action["_op_type"], action["_index"], action["_id"]) == ("index", "my-alias", "ev-7")
+    header, source, tail = encode_action(action).split(b"\n")
+    assert json.loads(header) == {"index": {"_index": "my-alias", "_id": "ev-7"}}
+    assert json.loads(source)["label"] == "positive"
+    assert tail == b""
+
+
+def test_read_only_mappings_encode_like_dicts() -> None:
+    doc = MappingProxyType({"id": "a", "model": MappingProxyType({"version": "1"})})
+    assert json.loads(encode_action(build_action(doc)).split(b"\n")[1])["model"] == {"version": "1"}
+
+
+@pytest.mark.parametrize(
+    "doc", [{"text": "no id"}, {"id": 5}, {"id": ""}, {"id": "é" * 300}], ids=str
+)
+def test_documents_without_a_usable_id_are_refused(doc: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        build_action(doc)
+
+
+def test_nan_and_unserialisable_values_are_refused_before_sending() -> None:
+    with pytest.raises(ValueError, match="not valid JSON"):
+        encode_action(build_action({"id": "a", "scores": {"x": math.nan}}))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        encode_action(build_action({"id": "a", "when": datetime.now(UTC)}))
+
+
+def test_chunks_are_capped_by_count() -> None:
+    chunks = list(chunk_actions([encoded(i, 10) for i in range(10)], 3, 10_000))
+    assert [len(c) for c in chunks] == [3, 3, 3, 1]
+    assert [a.position for c in chunks for a in c] == list(range(10))
+
+
+def test_chunks_are_capped_by_bytes_and_oversized_actions_travel_alone() -> None:
+    sizes = [40, 40, 30, 150, 10, 90, 20]
+    chunks = list(chunk_actions([encoded(i, s) for i, s in enumerate(sizes)], 100, 100))
+    assert [[a.size for a in c] for c in chunks] == [[40, 40], [30], [150], [10, 90], [20]]
+    assert all(sum(a.size for a in c) <= 100 for c in chunks if len(c) > 1)
+
+
+def test_chunk_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        list(chunk_actions([], 0, 10))
+
+
+def test_bulk_response_items_are_classified() -> None:
+    response = {
+        "errors": True,
+        "items": [
+            item("a", 201),
+            item("b", 200),
+            item("c", 429, "es_rejected_execution_exception"),
+            item("d", 400, "mapper_parsing_exception"),
+            item("e", 503, "unavailable_shards_exception"),
+            item("f", 404, "index_not_found_exception"),
+            item("g", 400, "document_parsing_exception"),
+        ],
+    }
+    outcomes = parse_bulk_response(response, 7)
+    assert [o.status for o in outcomes] == [
+        ItemStatus.OK,
+        ItemStatus.OK,
+        ItemStatus.RETRIABLE,
+        ItemStatus.REJECTED,
+        ItemStatus.RETRIABLE,
+        ItemStatus.RETRIABLE,  # the alias vanished: the documents are not at fault
+        ItemStatus.REJECTED,
+    ]
+    assert outcomes[3].reason == "mapper_parsing_exception: because d"
+    assert outcomes[3].http_status == 400 and outcomes[3].doc_id == "d"
+
+
+def test_reason_includes_the_cause() -> None:
+    body = item("a", 400, "document_parsing_exception")
+    body["index"]["error"]["caused_by"] = {"type": "illegal_argument_exception", "reason": "bad"}
+    (outcome,) = parse_bulk_response({"items": [body]}, 1)
+    assert outcome.reason == (
+        "document_parsing_exception: because a (caused by illegal_argument_exception: bad)"
+    )
+
+
+def test_a_response_with_the_wrong_number_of_items_is_malformed() -> None:
+    with pytest.raises(ValueError, match="1 items for 2 actions"):
+        parse_bulk_response({"items": [item("a", 201)]}, 2)
+    with pytest.raises(ValueError):
+        parse_bulk_response({"error": "x"}, 1)
+
+
+# -- backoff -------------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    policy = RetryPolicy(max_attempts=8, base_delay=0.2, max_delay=10.0)
+    ceilings = [policy.ceiling(n) for n in range(1, 10)]
+    assert ceilings == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0])
+    assert policy.ceiling(10_000) == 10.0  # no overflow however long it has failed
+
+
+def test_backoff_jitter_stays_within_half_and_full_ceiling() -> None:
+    policy = RetryPolicy()
+    rng = random.Random(1)
+    for failures in range(1, 12):
+        top = policy.ceiling(failures)
+        delays = [policy.delay(failures, rng) for _ in range(200)]
+        assert all(top / 2 <= d <= top for d in delays)
+        assert len(set(delays)) > 1
+    worst = sum(policy.ceiling(n) for n in range(1, policy.max_attempts))
+    assert worst == pytest.approx(22.6)  # the longest a caller waits before IndexUnavailable
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_attempts": 0}, {"base_delay": -1.0}, {"base_delay": 2.0, "max_delay": 1.0}]
+)
+def test_nonsense_retry_policies_are_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kwargs)
+
+
+# -- search query builders -----------------------------------------------------------------
+
+
+def test_filters_cover_label_model_and_half_open_time_range() -> None:
+    since = datetime(2024, 1, 1, tzinfo=UTC)
+    assert build_filters(
+        label=["a", "b"], model_version="2", since=since, until="now", time_field="event_ts"
+    ) == [
+        {"terms": {"label": ["a", "b"]}},
+        {"term": {"model.version": "2"}},
+        {"range": {"event_ts": {"gte": "2024-01-01T00:00:00+00:00", "lt": "now"}}},
+    ]
+    assert build_filters(label="a") == [{"term": {"label": "a"}}]
+    assert build_filters() == []
+    with pytest.raises(ValueError, match="timezone"):
+        build_filters(since=datetime(2024, 1, 1))
+
+
+def test_text_query_matches_text_filters_and_highlights() -> None:
+    body = build_text_query("quick fox", k=5, filters=build_filters(label="pos"))
+    assert body["query"] == {
+        "bool": {
+            "must": [{"match": {"text": {"query": "quick fox"}}}],
+            "filter": [{"term": {"label": "pos"}}],
+        }
+    }
+    assert body["size"] == 5
+    assert body["highlight"] == {"fields": {"text": {}}}
+    assert body["_source"] == {"excludes": ["embedding"]}
+    blank = build_text_query("  ")
+    assert blank["query"]["bool"]["must"] == [{"match_all": {}}]
+    assert "highlight" not in blank
+    with pytest.raises(ValueError):
+        build_text_query("x", k=0)
+
+
+def test_knn_query_is_top_level_with_filter() -> None:
+    vector = unit_vector(1)
+    body = build_knn_query(vector, k=3, filters=build_filters(label="neg"))
+    knn = body["knn"]
+    assert knn["field"] == "embedding"
+    assert knn["query_vector"] == pytest.approx(vector)
+    assert (knn["k"], knn["num_candidates"], body["size"]) == (3, 100, 3)
+    assert knn["filter"] == [{"term": {"label": "neg"}}]
+    assert "filter" not in build_knn_query(vector)["knn"]
+    assert build_knn_query(vector, k=2000)["knn"]["num_candidates"] == 10_000
+
+
+@pytest.mark.parametrize(
+    ("vector", "words"),
+    [
+        ([1.0] * 10, "10 dimensions"),
+        ([0.0] * EMBEDDING_DIMS, "all zeros"),
+        ([math.nan] * EMBEDDING_DIMS, "NaN"),
+    ],
+)
+def test_unsearchable_vectors_are_refused(vector: list[float], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        build_knn_query(vector)
+
+
+def test_num_candidates_below_k_is_refused() -> None:
+    with pytest.raises(ValueError, match="num_candidates"):
+        build_knn_query(unit_vector(0), k=10, num_candidates=5)
+
+
+def test_label_counts_and_count_queries() -> None:
+    body = build_label_counts_query(filters=build_filters(model_version="1"), size=7)
+    assert body["size"] == 0
+    assert body["aggs"] == {"labels": {"terms": {"field": "label", "size": 7}}}
+    assert body["query"]["bool"]["filter"] == [{"term": {"model.version": "1"}}]
+    assert build_count_query() == {"query": {"bool": {"filter": []}}}
+
+
+def test_search_response_parses_into_hits() -> None:
+    response = {
+        "took": 3,
+        "hits": {
+            "total": {"value": 12, "relation": "gte"},
+            "hits": [
+                {
+                    "_id": "ev-1",
+                    "_score": 1.5,
+                    "_source": prediction(1, embedding=None),
+                    "highlight": {"text": ["<em>text</em> number 1"]},
+                }
+            ],
+        },
+        "aggregations": {"labels": {"buckets": [{"key": "a", "doc_count": 2}]}},
+    }
+    result = parse_search_response(response)
+    assert (result.total, result.total_is_exact, result.took_ms) == (12, False, 3)
+    (hit,) = result.hits
+    assert (hit.id, hit.score, hit.label, hit.model_version) == ("ev-1", 1.5, "positive", "1")
+    assert hit.scores == {"positive": 0.9, "negative": 0.1}
+    assert hit.highlight == ["<em>text</em> number 1"]
+    assert parse_label_counts(response) == {"a": 2}
+
+
+# -- BulkWriter against a fake client ------------------------------------------------------
+
+
+class FakeClient:
+    """Answers bulk calls from a script: an exception to raise, or per-item statuses."""
+
+    def __init__(self, script: Sequence[Exception | Mapping[str, int]]) -> None:
+        self.script = list(script)
+        self.calls: list[list[str]] = []
+
+    async def bulk(self, *, operations: Sequence[bytes], **kwargs: Any) -> SimpleNamespace:
+        assert kwargs["require_alias"] is True
+        ids = [json.loads(op.split(b"\n")[0])["index"]["_id"] for op in operations]
+        self.calls.append(ids)
+        step = self.script.pop(0) if self.script else {}
+        if isinstance(step, Exception):
+            raise step
+        items = []
+        for doc_id in ids:
+            status = step.get(doc_id, 201)
+            kind = {429: "es_rejected_execution_exception", 400: "mapper_parsing_exception"}
+            items.append(item(doc_id, status, kind.get(status)))
+        return SimpleNamespace(body={"errors": bool(step), "items": items})
+
+
+def fast_writer(client: FakeClient, attempts: int = 4, **kwargs: Any) -> BulkWriter:
+    return BulkWriter(
+        client=cast(AsyncElasticsearch, client),
+        alias="test-alias",
+        retry=RetryPolicy(max_attempts=attempts, base_delay=0.001, max_delay=0.002),
+        ensure=False,
+        **kwargs,
+    )
+
+
+async def test_only_failed_items_are_retried() -> None:
+    client = FakeClient([{"ev-1": 429, "ev-2": 400}])
+    async with fast_writer(client) as writer:
+        outcome = await writer.bulk_index([prediction(i) for i in range(4)])
+    assert client.calls == [["ev-0", "ev-1", "ev-2", "ev-3"], ["ev-1"]]
+    assert outcome.indexed_ids == ["ev-0", "ev-1", "ev-3"]
+    (rejected,) = outcome.rejected
+    assert (rejected.id, rejected.status) == ("ev-2", 400)
+    assert rejected.reason.startswith("mapper_parsing_exception")
+    assert rejected.doc["id"] == "ev-2"
+
+
+async def test_whole_request_failures_are_retried_and_later_chunks_wait() -> None:
+    client = FakeClient([api_error(429), ConnectionError("refused"), api_error(503)])
+    async with fast_writer(client, attempts=4, max_chunk_docs=2) as writer:
+        outcome = await writer.bulk_index([prediction(i) for i in range(4)])
+    # Each failed request ends its round: no request for ev-2/ev-3 until ev-0/ev-1 passed.
+    assert client.calls == [["ev-0", "ev-1"]] * 4 + [["ev-2", "ev-3"]]
+    assert outcome.indexed_ids == [f"ev-{i}" for i in range(4)]
+
+
+async def test_exhausted_attempts_raise_index_unavailable() -> None:
+    client = FakeClient([{"ev-1": 429}] * 3)
+    async with fast_writer(client, attempts=3) as writer:
+        with pytest.raises(IndexUnavailable) as caught:
+            await writer.bulk_index([prediction(0), prediction(1)])
+    assert caught.value.retriable is True
+    assert caught.value.attempts == 3
+    assert caught.value.pending_ids == ["ev-1"]
+    assert "es_rejected_execution_exception" in str(caught.value)
+
+
+async def test_non_retriable_request_errors_raise_at_once() -> None:
+    client = FakeClient([api_error(401, "security_exception")])
+    async with fast_writer(client) as writer:
+        with pytest.raises(IndexRequestError) as caught:
+            await writer.bulk_index([prediction(0)])
+    assert caught.value.status == 401 and caught.value.retriable is False
+    assert len(client.calls) == 1
+
+
+async def test_invalid_documents_are_rejected_without_a_request() -> None:
+    client = FakeClient([])
+    async with fast_writer(client) as writer:
+        bad = [{"text": "no id"}, prediction(1, scores={"x": math.inf})]
+        outcome = await writer.bulk_index(bad)
+        assert client.calls == []
+        assert [(r.id, r.status) for r in outcome.rejected] == [(None, None), ("ev-1", None)]
+        assert (await writer.bulk_index([])).indexed_ids == []
+
+
+async def test_lifecycle_is_explicit() -> None:
+    writer = fast_writer(FakeClient([]))
+    with pytest.raises(LifecycleError, match="not started"):
+        await writer.bulk_index([prediction(0)])
+    await writer.start()
+    await writer.stop()
+    await writer.stop()  # twice is fine
+    with pytest.raises(LifecycleError, match="stopped"):
+        await writer.bulk_index([prediction(0)])
+    with pytest.raises(LifecycleError):
+        await writer.start()
+
+
+def test_constructors_validate_without_io() -> None:
+    with pytest.raises(ValueError):
+        EsSettings(url="localhost:9200")
+    with pytest.raises(ValueError):
+        EsSettings(api_key="k", basic_auth=("u", "p"))
+    with pytest.raises(ValueError):
+        BulkWriter(alias="Bad Alias")
+    with pytest.raises(ValueError):
+        BulkWriter(max_chunk_bytes=0)
+    assert "secret" not in repr(EsSettings(api_key="secret"))
