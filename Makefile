@@ -19,7 +19,6 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/inflow dev up
 	$(BIN)/inflow demo
 
 lint: venv

@@ -1,0 +1,226 @@
+"""The Faust app: two thin agents, a timer that follows the engine registry, and web views.
+
+infer agent:  inflow.texts (raw bytes) -> InferStage (decode -> Batcher -> publish) -> ack
+index agent:  inflow.predictions (raw bytes) -> IndexBuffer -> IndexStage (bulk) -> ack
+Both iterate with manual acks (`noack`) and concurrency 1 (faust#606: concurrency > 1 can
+commit past unfinished work); the stages never let one record raise out of an agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import faust
+from faust.types.auth import SASLMechanism
+
+from engines.types import Engine
+from indexer import BulkWriter, EsSettings, Searcher
+from streams.batcher import Batcher, BatchPolicy
+from streams.config import Settings
+from streams.index import IndexBuffer, IndexStage
+from streams.infer import Headers, InferStage, InferTopics, InputRecord
+from streams.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def es_settings(settings: Settings) -> EsSettings:
+    basic = (settings.es_username, str(settings.es_password)) if settings.es_username else None
+    return EsSettings(
+        url=settings.require_es(),
+        api_key=str(settings.es_api_key) or None,
+        basic_auth=basic,
+        verify_certs=settings.es_verify_certs,
+        ca_certs=settings.es_ca_certs or None,
+    )
+
+
+def kafka_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    protocol = settings.kafka_security_protocol
+    context = None
+    if settings.uses_tls:
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+    if protocol.startswith("SASL"):
+        mechanism = {
+            "PLAIN": SASLMechanism.PLAIN,
+            "SCRAM-SHA-256": SASLMechanism.SCRAM_SHA_256,
+            "SCRAM-SHA-512": SASLMechanism.SCRAM_SHA_512,
+        }[settings.kafka_sasl_mechanism]
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=str(settings.kafka_sasl_password),
+            mechanism=mechanism,
+            ssl_context=context,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+class _FaustPublisher:
+    """Publisher over Faust's producer: returns once the broker acknowledged the record."""
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+        self._topics: dict[str, Any] = {}
+
+    async def publish(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
+        channel = self._topics.get(topic)
+        if channel is None:
+            channel = self._topics[topic] = self._app.topic(
+                topic, key_serializer="raw", value_serializer="raw"
+            )
+        # force=True: send now instead of attaching to the current event (which would defer
+        # the send to the commit, while our commit waits for this send).
+        delivered = await channel.send(key=key, value=value, headers=headers, force=True)
+        await delivered
+
+
+def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faust.App:
+    """Build the Faust app around an already loaded, warmed-up engine."""
+    bootstrap = settings.require_kafka()
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
+        broker_credentials=kafka_credentials(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        producer_max_request_size=4 * 1024 * 1024,
+        stream_wait_empty=True,  # on stop: wait until every taken record is acked (drain)
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        store="memory://",
+        datadir=str(settings.state_dir / "faust" / settings.app_id),
+        logging_config=None,
+    )
+    metrics = Metrics()
+    app_state: dict[str, Any] = {"metrics": metrics, "settings": settings}
+    publisher = _FaustPublisher(app)
+    batcher = Batcher(
+        engine,
+        BatchPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms),
+        on_batch=metrics.observe_batch,
+    )
+    infer_stage = InferStage(
+        batcher,
+        publisher,
+        InferTopics(settings.predictions_topic, settings.texts_dlq_topic),
+        metrics,
+        max_in_flight=settings.max_in_flight,
+    )
+    writer = BulkWriter(es_settings(settings), alias=settings.es_alias)
+    index_stage = IndexStage(writer, publisher, settings.predictions_dlq_topic, metrics)
+    index_buffer = IndexBuffer(index_stage, settings.index_batch_size, settings.index_max_wait_ms)
+    searcher = Searcher(es_settings(settings), alias=settings.es_alias)
+    app_state.update(
+        batcher=batcher, infer=infer_stage, writer=writer, searcher=searcher, registry=registry
+    )
+
+    def topic(name: str) -> Any:
+        return app.topic(
+            name,
+            partitions=settings.topic_partitions,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+
+    ready = asyncio.Event()  # set once the components below have started
+    texts = topic(settings.texts_topic)
+    predictions = topic(settings.predictions_topic)
+
+    @app.agent(texts, concurrency=1)
+    async def infer(stream: Any) -> None:
+        await ready.wait()
+        async for event in stream.noack().events():
+            message = event.message
+            await infer_stage.handle(
+                InputRecord(
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    message.key,
+                    message.value,
+                    event.ack,
+                )
+            )
+
+    @app.agent(predictions, concurrency=1)
+    async def index(stream: Any) -> None:
+        await ready.wait()
+        async for event in stream.noack().events():
+            message = event.message
+            await index_buffer.add(
+                InputRecord(
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    message.key,
+                    message.value,
+                    event.ack,
+                )
+            )
+
+    @app.task
+    async def _start() -> None:
+        await batcher.start()
+        await writer.start()  # creates the index template and alias when missing
+        await searcher.start()
+        await index_buffer.start()
+        ready.set()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def _stop(app: faust.App, **kwargs: Any) -> None:
+        # Runs after the consumer stopped fetching and waited for every taken record
+        # to be acked (stream_wait_empty); what is left here is already answered.
+        await infer_stage.drain()
+        await index_buffer.stop()
+        await batcher.stop()
+        await writer.stop()
+        await searcher.stop()
+
+    if registry is not None and not settings.engine_version:
+        failed: set[str] = set()
+
+        @app.timer(interval=settings.engine_poll_s)
+        async def follow_registry() -> None:
+            from engines.load import load_engine
+
+            wanted = registry.active_version()
+            current = batcher.identity.version
+            if wanted is None or wanted == current or wanted in failed:
+                return
+            log.info("engine: switching %s -> %s", current, wanted)
+            try:
+                identity = await batcher.swap_engine(
+                    lambda: _warm(load_engine(settings.engine_dir, wanted))
+                )
+            except Exception as exc:
+                failed.add(wanted)
+                log.error("engine %s failed to load, keeping %s: %s", wanted, current, exc)
+                return
+            metrics.engine_swaps.inc()
+            log.info("engine: now serving %s", identity.version)
+
+    from streams.web import register_views
+
+    register_views(app, app_state)
+    return app
+
+
+def _warm(engine: Engine) -> Engine:
+    engine.predict(["warm-up"])
+    return engine

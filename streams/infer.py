@@ -1,0 +1,175 @@
+"""The infer stage: raw input record -> one prediction or one dead letter, then ack.
+
+Independent of Faust: the agent hands each record over as an `InputRecord` with an `ack`
+callback, and output goes through the small `Publisher` interface. An input offset becomes
+committable (ack) only after its prediction or dead letter was acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from schemas import (
+    DecodeError,
+    ErrorCode,
+    ModelRef,
+    Prediction,
+    Source,
+    Stage,
+    TextEvent,
+    dead_letter_headers,
+    decode_event,
+    encode_prediction,
+    now_rfc3339,
+    rfc3339_from_ms,
+)
+from streams.batcher import Batcher, InferenceFailed, ItemResult
+from streams.metrics import Metrics
+from streams.retry import retry_forever
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+class Publisher(Protocol):
+    async def publish(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
+        """Return once the broker acknowledged the record (raise if it did not)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    ack: Callable[[], object]
+
+
+@dataclass(frozen=True, slots=True)
+class InferTopics:
+    predictions: str
+    dead_letters: str
+
+
+class InferStage:
+    """Decode -> batch -> publish -> ack, with at most `max_in_flight` records open."""
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        publisher: Publisher,
+        topics: InferTopics,
+        metrics: Metrics,
+        max_in_flight: int = 256,
+    ) -> None:
+        self._batcher = batcher
+        self._publisher = publisher
+        self._topics = topics
+        self._metrics = metrics
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def handle(self, record: InputRecord) -> None:
+        """Take one record; returns once it is queued (waits when too many are open)."""
+        await self._slots.acquire()
+        task = asyncio.create_task(self._process(record))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def drain(self) -> None:
+        """Wait until every record taken so far is answered and acked."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _process(self, record: InputRecord) -> None:
+        self._metrics.events_in.inc()
+        decoded = decode_event(
+            record.value, topic=record.topic, partition=record.partition, offset=record.offset
+        )
+        if isinstance(decoded, DecodeError):
+            await self._dead_letter(record, decoded, Stage.DECODE)
+        else:
+            try:
+                result = await self._batcher.submit(decoded.text)
+            except InferenceFailed as exc:
+                error = DecodeError(ErrorCode.INFERENCE_FAILED, str(exc))
+                await self._dead_letter(record, error, Stage.INFER)
+            else:
+                await self._publish_prediction(record, decoded, result)
+        record.ack()
+
+    async def _publish_prediction(
+        self, record: InputRecord, event: TextEvent, result: ItemResult
+    ) -> None:
+        prediction = build_prediction(record, event, result)
+        value = encode_prediction(prediction)
+        await self._send(self._topics.predictions, event.id.encode(), value, None)
+        self._metrics.predictions.inc(label=prediction.label)
+        self._metrics.queue_ms.observe(result.queue_ms)
+
+    async def _dead_letter(self, record: InputRecord, error: DecodeError, stage: Stage) -> None:
+        headers = dead_letter_headers(
+            error,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            stage=stage,
+        )
+        # The value stays the original bytes (b"" for a tombstone, which has none).
+        await self._send(self._topics.dead_letters, record.key, record.value or b"", headers)
+        self._metrics.dead_letters.inc(code=error.code)
+        log.info(
+            "dead letter %s:%d:%d %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            error.code,
+            error.message,
+        )
+
+    async def _send(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None
+    ) -> None:
+        async def attempt() -> None:
+            await self._publisher.publish(topic, key, value, headers)
+
+        await retry_forever(
+            attempt,
+            what=f"publish to {topic}",
+            on_retry=lambda _attempt, _exc: self._metrics.publish_retries.inc(),
+        )
+
+
+def build_prediction(record: InputRecord, event: TextEvent, result: ItemResult) -> Prediction:
+    model = result.model
+    return Prediction(
+        id=event.id,
+        text=event.text,
+        label=result.label,
+        scores=result.scores,
+        embedding=[float(x) for x in result.embedding],
+        model=ModelRef(model.name, model.version, model.backend, model.precision),
+        truncated=result.truncated,
+        event_ts=None if event.ts_ms is None else rfc3339_from_ms(event.ts_ms),
+        processed_ts=now_rfc3339(),
+        metadata=event.metadata,
+        source=Source(record.topic, record.partition, record.offset),
+    )

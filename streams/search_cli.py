@@ -1,0 +1,58 @@
+"""`inflow search`: full-text or similar-meaning search over indexed predictions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+
+from indexer import Searcher, SearchResult
+from streams.app import es_settings
+from streams.config import Settings
+
+
+def embed_query(settings: Settings, text: str) -> list[float]:
+    """The query's embedding from the active engine (the same model that embedded the docs)."""
+    from engines.load import load_engine
+
+    engine = load_engine(settings.engine_dir, settings.engine_version or None)
+    try:
+        return [float(x) for x in engine.predict([text]).embeddings[0]]
+    finally:
+        engine.close()
+
+
+async def search(
+    settings: Settings, query: str, *, label: str | None, similar: bool, k: int
+) -> SearchResult:
+    async with Searcher(es_settings(settings), alias=settings.es_alias) as searcher:
+        if similar:
+            vector = await asyncio.to_thread(embed_query, settings, query)
+            return await searcher.search_similar(vector, k=k, label=label)
+        return await searcher.search_text(query, label=label, k=k)
+
+
+def format_result(result: SearchResult, width: int = 100) -> str:
+    lines = [f"{result.total} match(es), {result.took_ms} ms"]
+    for rank, hit in enumerate(result.hits, 1):
+        text = " ".join((hit.text or "").split())
+        if len(text) > width:
+            text = text[: width - 3] + "..."
+        score = f"{hit.score:.3f}" if hit.score is not None else "-"
+        lines.append(f"{rank:>3}. {score:>7}  {hit.label or '-':<9} {hit.id}  {text}")
+    return "\n".join(lines)
+
+
+def run_search(
+    settings: Settings, query: str, *, label: str | None, similar: bool, k: int, as_json: bool
+) -> int:
+    result = asyncio.run(search(settings, query, label=label, similar=similar, k=k))
+    if as_json:
+        hits = [
+            {key: value for key, value in dataclasses.asdict(hit).items() if key != "doc"}
+            for hit in result.hits
+        ]
+        print(json.dumps({"total": result.total, "hits": hits}, ensure_ascii=False))
+    else:
+        print(format_result(result))
+    return 0

@@ -1,0 +1,56 @@
+"""Create Inflow's topics with the intended partition count (auto-create may give 1)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from streams.config import Settings
+from streams.kafka import admin_client
+
+
+def topic_names(settings: Settings) -> list[str]:
+    return [
+        settings.texts_topic,
+        settings.predictions_topic,
+        settings.texts_dlq_topic,
+        settings.predictions_dlq_topic,
+    ]
+
+
+async def ensure_topics(settings: Settings) -> list[str]:
+    """Create missing topics; report each topic's partition count."""
+    admin: AIOKafkaAdminClient = admin_client(settings)
+    await admin.start()
+    lines = []
+    try:
+        existing = set(await admin.list_topics())
+        for name in topic_names(settings):
+            if name in existing:
+                continue
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            name,
+                            num_partitions=settings.topic_partitions,
+                            replication_factor=settings.topic_replication,
+                        )
+                    ]
+                )
+                lines.append(f"created {name} ({settings.topic_partitions} partitions)")
+            except TopicAlreadyExistsError:
+                pass  # another worker created it first
+        described = await admin.describe_topics(topic_names(settings))
+        for topic in described:
+            if topic["topic"] in existing:
+                lines.append(f"exists  {topic['topic']} ({len(topic['partitions'])} partitions)")
+    finally:
+        await admin.close()
+    return lines
+
+
+def ensure_topics_sync(settings: Settings) -> list[str]:
+    return asyncio.run(ensure_topics(settings))
