@@ -84,6 +84,8 @@ class _FaustPublisher:
 def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faust.App:
     """Build the Faust app around an already loaded, warmed-up engine."""
     bootstrap = settings.require_kafka()
+    datadir = settings.state_dir / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
@@ -104,7 +106,7 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
         web_host=settings.web_host,
         web_port=settings.web_port,
         store="memory://",
-        datadir=str(settings.state_dir / "faust" / settings.app_id),
+        datadir=str(datadir / settings.app_id),
         logging_config=None,
     )
     metrics = Metrics()
