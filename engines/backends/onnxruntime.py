@@ -1,0 +1,131 @@
+"""ONNX Runtime backend: CPU EP by default, CUDA EP when onnxruntime-gpu offers it.
+
+Imports onnxruntime and numpy only (never torch), so a serving process that loads an
+onnxruntime engine stays small.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from engines.backends.base import Float32Array, Int64Array
+from engines.errors import BackendUnavailable, EngineLoadError
+
+ENV_PROVIDERS = "INFLOW_ORT_PROVIDERS"  # e.g. "CUDAExecutionProvider,CPUExecutionProvider"
+ENV_THREADS = "INFLOW_ORT_THREADS"
+ENV_SPINNING = "INFLOW_ORT_SPINNING"  # "0": idle intra-op threads sleep instead of spinning
+
+
+def default_threads() -> int:
+    """Cores this process may use (affinity-aware), capped at 16."""
+    env = os.environ.get(ENV_THREADS)
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 16))
+
+
+def choose_providers(available: Sequence[str], requested: Sequence[str] | None = None) -> list[str]:
+    """Execution providers in priority order.
+
+    Explicit `requested` (or env INFLOW_ORT_PROVIDERS) wins, filtered to what is available.
+    Otherwise CUDA when available, then CPU. The TensorRT EP is used only when asked for:
+    it compiles an engine at session start (minutes) and does not run dynamic-INT8 graphs.
+    """
+    if requested is None:
+        env = os.environ.get(ENV_PROVIDERS)
+        requested = [p.strip() for p in env.split(",") if p.strip()] if env else None
+    if requested:
+        chosen = [p for p in requested if p in available]
+        if not chosen:
+            raise BackendUnavailable(
+                f"none of the ONNX Runtime providers {', '.join(requested)} is available "
+                f"(have: {', '.join(available)})"
+            )
+        if "CPUExecutionProvider" not in chosen and "CPUExecutionProvider" in available:
+            chosen.append("CPUExecutionProvider")
+        return chosen
+    chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    """Runs the serving graph (input_ids, attention_mask) -> (probs, embedding)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path: Path,
+        precision: str,
+        max_batch_size: int,
+        max_seq_len: int,
+        intra_op_threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - a declared dependency
+            raise BackendUnavailable(
+                "onnxruntime is not installed: pip install onnxruntime"
+            ) from exc
+        self.precision = precision
+        self._max_batch = max_batch_size
+        self._max_seq = max_seq_len
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = intra_op_threads or default_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        if os.environ.get(ENV_SPINNING, "1") == "0":  # kinder to co-located services
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.providers = choose_providers(ort.get_available_providers(), providers)
+        try:
+            self._session = ort.InferenceSession(
+                str(model_path), sess_options=opts, providers=self.providers
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineLoadError(f"onnxruntime cannot open {model_path}: {first}") from exc
+        names = [i.name for i in self._session.get_inputs()]
+        if sorted(names) != ["attention_mask", "input_ids"]:
+            raise EngineLoadError(
+                f"{model_path} is not a serving graph (inputs {names}): rebuild the engine"
+            )
+        self.intra_op_threads = opts.intra_op_num_threads
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._max_seq
+
+    def run(
+        self, input_ids: Int64Array, attention_mask: Int64Array
+    ) -> tuple[Float32Array, Float32Array]:
+        n, seq = input_ids.shape
+        if n > self._max_batch or seq > self._max_seq:
+            raise ValueError(
+                f"batch {n}x{seq} exceeds the engine's {self._max_batch}x{self._max_seq}"
+            )
+        probs, embedding = self._session.run(
+            ["probs", "embedding"],
+            {
+                "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+            },
+        )
+        return np.asarray(probs, dtype=np.float32), np.asarray(embedding, dtype=np.float32)
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]

@@ -1,0 +1,299 @@
+"""`inflow engine ...` and `inflow train ...` commands.
+
+`add_commands(subparsers)` is called by the top-level CLI (streams/cli.py); each handler
+takes the parsed args (the registry root in `args.registry`) and returns an exit code.
+Errors print one line to stderr and return 2. Heavy modules are imported inside handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from engines.assets import registry_dir
+from engines.errors import EngineError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _registry_root(args: argparse.Namespace) -> Path:
+    value = getattr(args, "registry", None)
+    return Path(value) if value else registry_dir()
+
+
+def _guard(fn: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except EngineError as exc:
+            print(f"inflow: error: {exc}", file=sys.stderr)
+            return 2
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def _thresholds(args: argparse.Namespace) -> object:
+    from engines.parity import Thresholds
+
+    return Thresholds(
+        min_agreement=args.min_agreement,
+        min_cosine=args.min_cosine,
+        max_accuracy_drop=args.max_accuracy_drop,
+        max_score_diff=args.max_score_diff,
+    )
+
+
+@_guard
+def cmd_build(args: argparse.Namespace) -> int:
+    from engines.build import build
+    from engines.parity import Thresholds
+
+    th = _thresholds(args)
+    assert isinstance(th, Thresholds)
+    manifest = build(
+        backend=args.backend,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        max_seq=args.max_seq,
+        model=args.model,
+        registry_root=_registry_root(args),
+        thresholds=th,
+        parity_texts=args.parity_texts,
+        activate=args.activate,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    return 0 if manifest.accepted or args.force else 3
+
+
+@_guard
+def cmd_list(args: argparse.Namespace) -> int:
+    from engines.registry import Registry
+
+    registry = Registry(_registry_root(args))
+    manifests = registry.list()
+    if not manifests:
+        print(f"no engines in {registry.root}: run `inflow engine ensure`")
+        return 0
+    active = registry.active_version()
+    width = max(len("version"), *(len(m.version) for m in manifests))
+    print(f"  {'version':<{width}}  {'status':<8}  {'model':<24}  agreement  cos min  created")
+    for m in manifests:
+        parity = m.parity or {}
+        agreement = parity.get("agreement")
+        cos = parity.get("cosine_min")
+        print(
+            f"{'*' if m.version == active else ' '} {m.version:<{width}}  {m.status:<8}  "
+            f"{m.model_name:<24}  {agreement if agreement is None else f'{agreement:9.4f}'}  "
+            f"{cos if cos is None else f'{cos:7.4f}'}  {m.created}"
+        )
+    return 0
+
+
+@_guard
+def cmd_activate(args: argparse.Namespace) -> int:
+    from engines.registry import Registry
+
+    manifest = Registry(_registry_root(args)).activate(args.version, force=args.force)
+    print(f"active engine: {manifest.version}")
+    return 0
+
+
+@_guard
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from engines.registry import Registry
+
+    version = Registry(_registry_root(args)).rollback()
+    print(f"rolled back: active engine is {version}")
+    return 0
+
+
+@_guard
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engines.bench import run_bench
+
+    run_bench(
+        specs=args.backends,
+        batch_sizes=args.batch_sizes,
+        n=args.n,
+        model=args.model,
+        registry_root=_registry_root(args),
+        max_seq=args.max_seq,
+        threads=args.threads,
+        json_path=args.json,
+        progress=not args.quiet,
+    )
+    return 0
+
+
+@_guard
+def cmd_ensure(args: argparse.Namespace) -> int:
+    from engines.build import ensure
+    from engines.parity import Thresholds
+
+    th = _thresholds(args)
+    assert isinstance(th, Thresholds)
+    manifest = ensure(_registry_root(args), thresholds=th, progress=not args.quiet)
+    print(f"active engine: {manifest.version}")
+    return 0
+
+
+@_guard
+def cmd_verify(args: argparse.Namespace) -> int:
+    from engines.registry import Registry
+
+    registry = Registry(_registry_root(args))
+    version = args.version or registry.active_version()
+    if version is None:
+        print(f"inflow: error: no active engine in {registry.root}", file=sys.stderr)
+        return 2
+    registry.verify(version)
+    print(f"{version}: every artifact matches its manifest")
+    return 0
+
+
+@_guard
+def cmd_train(args: argparse.Namespace) -> int:
+    from engines.train import train
+
+    path = train(
+        dataset=args.dataset,
+        frozen=args.frozen,
+        out_dir=args.out,
+        max_train=args.max_train,
+        epochs=args.epochs,
+        progress=not args.quiet,
+    )
+    print(path)
+    return 0
+
+
+def _engine_help(parser: argparse.ArgumentParser) -> Handler:
+    def show(_args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    return show
+
+
+def _add_thresholds(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parity gate thresholds")
+    g.add_argument("--min-agreement", type=float, default=0.95, help="label agreement (0.95)")
+    g.add_argument("--min-cosine", type=float, default=0.97, help="min embedding cosine (0.97)")
+    g.add_argument(
+        "--max-accuracy-drop", type=float, default=0.02, help="accuracy drop allowed (0.02)"
+    )
+    g.add_argument("--max-score-diff", type=float, default=None, help="max |Δprob| (off)")
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be positive integers")
+    return values
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `engine {build,list,activate,rollback,bench,ensure,verify}` and `train`."""
+    engine = subparsers.add_parser("engine", help="build, gate, list, activate engines")
+    engine.set_defaults(handler=_engine_help(engine))
+    esub = engine.add_subparsers(dest="engine_command", metavar="COMMAND")
+
+    b = esub.add_parser("build", help="export/compile, gate against torch fp32, register")
+    b.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"], default="onnxruntime")
+    b.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default=None,
+        help="default: int8 for onnxruntime, fp16 for tensorrt, fp32 for torch",
+    )
+    b.add_argument("--max-batch", type=int, default=64)
+    b.add_argument("--max-seq", type=int, default=256)
+    b.add_argument("--model", type=Path, default=None, help="model folder (default: trained head)")
+    b.add_argument(
+        "--activate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="activate the build when it passes the gate (default: yes)",
+    )
+    b.add_argument("--force", action="store_true", help="activate even if the gate rejects it")
+    b.add_argument("--parity-texts", type=int, default=500, help="validation texts (500)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_thresholds(b)
+    b.set_defaults(handler=cmd_build)
+
+    esub.add_parser("list", help="versions, status, parity; * marks the active one").set_defaults(
+        handler=cmd_list
+    )
+
+    a = esub.add_parser("activate", help="make VERSION the active engine")
+    a.add_argument("version")
+    a.add_argument("--force", action="store_true", help="allow a build the gate rejected")
+    a.set_defaults(handler=cmd_activate)
+
+    esub.add_parser("rollback", help="re-activate the previously active version").set_defaults(
+        handler=cmd_rollback
+    )
+
+    v = esub.add_parser("verify", help="check the sha256 of every artifact of a version")
+    v.add_argument("version", nargs="?", default=None, help="default: the active version")
+    v.set_defaults(handler=cmd_verify)
+
+    be = esub.add_parser("bench", help="texts/s and p50/p95 latency on real texts")
+    be.add_argument(
+        "--backends",
+        nargs="+",
+        default=["torch:fp32", "onnxruntime:fp32", "onnxruntime:int8"],
+        help="backend:precision specs and/or registry versions",
+    )
+    be.add_argument("--batch-sizes", type=_csv_ints, default=[1, 8, 32, 64])
+    be.add_argument("--n", type=int, default=512, help="real texts to cycle through (512)")
+    be.add_argument("--model", type=Path, default=None)
+    be.add_argument("--max-seq", type=int, default=256)
+    be.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    be.add_argument("--json", type=Path, default=None, help="write results as JSON")
+    be.add_argument("--quiet", action="store_true")
+    be.set_defaults(handler=cmd_bench)
+
+    en = esub.add_parser(
+        "ensure", help="make sure an active engine exists (train, build int8, gate, activate)"
+    )
+    en.add_argument("--quiet", action="store_true")
+    _add_thresholds(en)
+    en.set_defaults(handler=cmd_ensure)
+
+    t = subparsers.add_parser("train", help="train a classifier head on MiniLM")
+    t.add_argument("--dataset", default="sentiment", help="sentiment | topic | CSV/JSONL path")
+    t.add_argument(
+        "--frozen",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="frozen encoder + logistic regression (default); --no-frozen fine-tunes",
+    )
+    t.add_argument("--max-train", type=int, default=None, help="cap on training examples")
+    t.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (1)")
+    t.add_argument("--out", type=Path, default=None, help="models folder (.inflow/models)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(handler=cmd_train)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry: `python -m engines.cli engine list` (the real CLI is `inflow`)."""
+    parser = argparse.ArgumentParser(prog="python -m engines.cli")
+    parser.add_argument("--registry", type=Path, default=None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

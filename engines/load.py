@@ -1,0 +1,110 @@
+"""Load an engine from the registry: the only engines module serving code needs.
+
+`load_engine(root)` reads the active (or named) version's manifest, verifies every
+artifact's sha256, opens the backend the manifest names and warms it up. Loading an
+onnxruntime engine imports neither torch nor any export/training code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engines.backends.base import Backend
+from engines.errors import EngineError, EngineLoadError, EngineNotFound
+from engines.registry import Manifest, Registry, verify_files
+from engines.runtime import LoadedEngine
+from engines.tokenize import Tokenizer
+from engines.types import Engine, ModelIdentity
+
+
+def open_engine(
+    folder: Path,
+    manifest: Manifest,
+    *,
+    warmup: bool = True,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> LoadedEngine:
+    """Open the artifacts in `folder` as described by `manifest` (no hash check here)."""
+    folder = Path(folder)
+    artifact = folder / manifest.artifact
+    backend: Backend
+    try:
+        if manifest.backend == "onnxruntime":
+            from engines.backends.onnxruntime import OnnxRuntimeBackend
+
+            backend = OnnxRuntimeBackend(
+                artifact,
+                manifest.precision,
+                manifest.max_batch,
+                manifest.max_seq,
+                intra_op_threads=threads,
+                providers=providers,
+            )
+        elif manifest.backend == "torch":
+            from engines.backends.torch import TorchBackend
+            from engines.model import load_serving_model
+
+            backend = TorchBackend(
+                load_serving_model(folder),
+                manifest.precision,
+                manifest.max_batch,
+                manifest.max_seq,
+                threads=threads,
+            )
+        elif manifest.backend == "tensorrt":
+            from engines.backends.tensorrt import TensorRTBackend
+
+            backend = TensorRTBackend.load(artifact)
+        else:
+            raise EngineLoadError(
+                f"engine {manifest.version} names unknown backend {manifest.backend!r}: rebuild it"
+            )
+    except EngineError:
+        raise
+    except ImportError as exc:
+        raise EngineLoadError(
+            f"engine {manifest.version} needs {exc.name or 'a missing package'}: install it or "
+            "activate an onnxruntime engine"
+        ) from exc
+    max_seq = min(manifest.max_seq, backend.max_seq_len)
+    tokenizer = Tokenizer(folder / manifest.tokenizer, max_seq)
+    identity = ModelIdentity(
+        name=manifest.model_name,
+        version=manifest.version,
+        backend=manifest.backend,
+        precision=manifest.precision,
+    )
+    engine = LoadedEngine(tokenizer, backend, identity, manifest.labels)
+    if warmup:
+        engine.warmup()
+    return engine
+
+
+def load_engine(
+    registry_root: Path | str,
+    version: str | None = None,
+    *,
+    warmup: bool = True,
+    verify: bool = True,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+) -> Engine:
+    """The active engine (or `version`) of the registry at `registry_root`, warmed up.
+
+    Raises EngineNotFound when there is none, IntegrityError when an artifact was changed,
+    EngineLoadError when it cannot be opened here. Messages are one line saying what to do.
+    """
+    registry = Registry(Path(registry_root))
+    if version is None:
+        version = registry.active_version()
+        if version is None:
+            raise EngineNotFound(
+                f"no active engine in {registry.root}: run `inflow engine ensure` "
+                "(or `inflow engine build`)"
+            )
+    manifest = registry.get(version)
+    folder = registry.path(version)
+    if verify:
+        verify_files(folder, manifest)
+    return open_engine(folder, manifest, warmup=warmup, threads=threads, providers=providers)

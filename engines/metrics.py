@@ -1,0 +1,78 @@
+"""Classification metrics and their text table (numpy only)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class EvalReport:
+    labels: list[str]
+    n: int
+    accuracy: float
+    macro_f1: float
+    per_label: dict[str, dict[str, float]]  # label -> precision/recall/f1/support
+    confusion: list[list[int]]  # rows: true label, columns: predicted label
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        width = max(8, *(len(label) for label in self.labels))
+        lines = [
+            f"n={self.n}  accuracy={self.accuracy:.4f}  macro-F1={self.macro_f1:.4f}",
+            "",
+            f"{'label':<{width}}  precision  recall     f1  support",
+        ]
+        for label in self.labels:
+            p = self.per_label[label]
+            lines.append(
+                f"{label:<{width}}  {p['precision']:9.3f}  {p['recall']:6.3f}  {p['f1']:5.3f}"
+                f"  {int(p['support']):7d}"
+            )
+        lines += ["", "confusion (rows = true, columns = predicted)"]
+        cw = max(6, *(len(label) for label in self.labels))
+        lines.append(" " * width + "  " + " ".join(f"{label:>{cw}}" for label in self.labels))
+        for label, row in zip(self.labels, self.confusion, strict=True):
+            lines.append(f"{label:<{width}}  " + " ".join(f"{v:>{cw}d}" for v in row))
+        return "\n".join(lines)
+
+
+def evaluate(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> EvalReport:
+    if len(gold) != len(predicted):
+        raise ValueError("gold and predicted differ in length")
+    index = {label: i for i, label in enumerate(labels)}
+    k = len(labels)
+    confusion = [[0] * k for _ in range(k)]
+    for g, p in zip(gold, predicted, strict=True):
+        if g in index and p in index:
+            confusion[index[g]][index[p]] += 1
+    n = len(gold)
+    correct = sum(1 for g, p in zip(gold, predicted, strict=True) if g == p)
+    per_label: dict[str, dict[str, float]] = {}
+    f1s: list[float] = []
+    for label, i in index.items():
+        tp = confusion[i][i]
+        fp = sum(confusion[r][i] for r in range(k)) - tp
+        fn = sum(confusion[i]) - tp
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[label] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": float(sum(confusion[i])),
+        }
+        f1s.append(f1)
+    return EvalReport(
+        labels=list(labels),
+        n=n,
+        accuracy=correct / n if n else 0.0,
+        macro_f1=sum(f1s) / len(f1s) if f1s else 0.0,
+        per_label=per_label,
+        confusion=confusion,
+    )

@@ -1,0 +1,126 @@
+"""`LoadedEngine`: tokenizer + one Backend behind the `Engine` protocol.
+
+predict() tokenizes, pads each sub-batch to its longest text, runs the backend and maps
+probabilities to labels. More texts than `max_batch_size` are sorted by length and split
+(less padding); results always come back in input order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from engines.backends.base import Backend
+from engines.tokenize import Tokenizer
+from engines.types import EMBEDDING_DIM, BatchResult, ModelIdentity
+
+WARMUP_TEXTS = (
+    "warm-up",
+    "This is a warm-up sentence so that the runtime allocates its buffers before traffic.",
+)
+
+
+class LoadedEngine:
+    """A ready engine. `predict` is blocking; call it from one thread (it also locks)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        backend: Backend,
+        identity: ModelIdentity,
+        labels: Sequence[str],
+    ) -> None:
+        if backend.max_seq_len < tokenizer.max_seq_len:
+            raise ValueError("the tokenizer may emit longer sequences than the backend accepts")
+        self._tokenizer = tokenizer
+        self._backend: Backend | None = backend
+        self._identity = identity
+        self.labels = list(labels)
+        self._lock = threading.Lock()
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._require().max_batch_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._tokenizer.max_seq_len
+
+    @property
+    def backend(self) -> Backend:
+        return self._require()
+
+    def _require(self) -> Backend:
+        if self._backend is None:
+            raise RuntimeError(f"engine {self._identity.version} is closed")
+        return self._backend
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return self._tokenizer.count_tokens(texts)
+
+    def run_raw(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """(probs [n, labels], embeddings [n, 384], truncated) in input order."""
+        backend = self._require()
+        n = len(texts)
+        probs = np.zeros((n, len(self.labels)), dtype=np.float32)
+        if n == 0:
+            return probs, np.zeros((0, EMBEDDING_DIM), dtype=np.float32), []
+        emb: np.ndarray | None = None
+        items = self._tokenizer.tokenize(texts)
+        cap = backend.max_batch_size
+        if n <= cap:
+            groups = [list(range(n))]
+        else:
+            order = sorted(range(n), key=lambda i: len(items[i].ids))
+            groups = [order[i : i + cap] for i in range(0, n, cap)]
+        with self._lock:
+            for idx in groups:
+                enc = self._tokenizer.pad([items[i] for i in idx])
+                p, e = backend.run(enc.input_ids, enc.attention_mask)
+                if emb is None:
+                    emb = np.zeros((n, e.shape[1]), dtype=np.float32)
+                probs[idx] = p
+                emb[idx] = e
+        assert emb is not None
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        emb /= np.maximum(norms, 1e-12)
+        return probs, emb, [t.truncated for t in items]
+
+    def predict(self, texts: list[str]) -> BatchResult:
+        probs, emb, truncated = self.run_raw(texts)
+        labels = self.labels
+        top = probs.argmax(axis=1) if len(texts) else np.zeros(0, dtype=np.int64)
+        scores = [{label: float(p) for label, p in zip(labels, row, strict=True)} for row in probs]
+        return BatchResult(
+            labels=[labels[int(i)] for i in top],
+            scores=scores,
+            embeddings=emb,
+            truncated=truncated,
+            model=self._identity,
+        )
+
+    def warmup(self, rounds: int = 2) -> None:
+        """Run a few small batches so first real requests do not pay allocation costs."""
+        texts = list(WARMUP_TEXTS)
+        cap = self._require().max_batch_size
+        for _ in range(rounds):
+            self.predict(texts[: min(len(texts), cap)])
+            self.predict([texts[0]])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+
+    def __enter__(self) -> LoadedEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

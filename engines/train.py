@@ -1,0 +1,319 @@
+"""Train a classifier head on MiniLM: frozen encoder + logistic regression, or fine-tuning.
+
+`train()` writes a model folder `<models_root>/<name>-<hash12>/` (see engines/modeldir.py)
+and returns its path. Training code: never imported by the serving path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from engines.assets import ENCODER_NAME, encoder_dir, models_dir, set_offline
+from engines.data import (
+    DEFAULT_SEED,
+    Example,
+    load_dataset,
+    stratified_sample,
+    stratified_split,
+)
+from engines.errors import DataError
+from engines.metrics import EvalReport, evaluate
+from engines.model import ServingModel, load_encoder
+from engines.modeldir import (
+    ENCODER_SUBDIR,
+    HEAD_FILE,
+    MODEL_JSON,
+    PACKAGE_ENCODER,
+    REPORT_FILE,
+    TOKENIZER_FILE,
+    compute_hash,
+)
+from engines.tokenize import DEFAULT_MAX_SEQ_LEN, Tokenizer
+
+DEFAULT_MAX_TRAIN_FROZEN = 6000
+DEFAULT_MAX_TRAIN_FINETUNE = 2000
+DEFAULT_MAX_EVAL = 2000
+DEFAULT_EPOCHS = 1
+EMBED_BATCH = 64
+C_GRID = (1.0, 4.0, 16.0)
+
+Float32Array = npt.NDArray[np.float32]
+log = logging.getLogger(__name__)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (minimises padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def embed_texts(
+    model: ServingModel,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    batch_size: int = EMBED_BATCH,
+    progress: bool = True,
+    desc: str = "embedding",
+) -> Float32Array:
+    """L2-normalised embeddings [n, 384] in input order, batched by length, no grad."""
+    items = tokenizer.tokenize(texts)
+    out = np.zeros((len(texts), model.head.in_features), dtype=np.float32)
+    batches = length_sorted_batches([len(t.ids) for t in items], batch_size)
+    bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, leave=False)
+    with torch.inference_mode():
+        for idx in batches:
+            enc = tokenizer.pad([items[i] for i in idx])
+            emb = model.embed(torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask))
+            out[idx] = emb.float().numpy()
+            bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def fit_logistic_head(
+    x: Float32Array,
+    y: Sequence[str],
+    labels: Sequence[str],
+    seed: int = DEFAULT_SEED,
+    c_grid: Sequence[float] = C_GRID,
+) -> tuple[Float32Array, Float32Array, float]:
+    """Multinomial logistic regression; C picked by 3-fold CV. Returns (weight, bias, C)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    index = {label: i for i, label in enumerate(labels)}
+    target = np.array([index[label] for label in y])
+    best_c, best_score = c_grid[0], -1.0
+    if len(c_grid) > 1:
+        for c in c_grid:
+            clf = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+            score = float(cross_val_score(clf, x, target, cv=3).mean())
+            if score > best_score:
+                best_c, best_score = c, score
+    clf = LogisticRegression(C=best_c, max_iter=2000, random_state=seed).fit(x, target)
+    weight = np.asarray(clf.coef_, dtype=np.float32)
+    bias = np.asarray(clf.intercept_, dtype=np.float32)
+    if weight.shape[0] == 1:  # binary: sklearn keeps one row; softmax needs two
+        weight = np.concatenate([-weight / 2, weight / 2]).astype(np.float32)
+        bias = np.concatenate([-bias / 2, bias / 2]).astype(np.float32)
+    return weight, bias, best_c
+
+
+def _predict_labels(
+    model: ServingModel, tokenizer: Tokenizer, texts: Sequence[str], progress: bool
+) -> list[str]:
+    emb = embed_texts(model, tokenizer, texts, progress=progress, desc="evaluating")
+    with torch.inference_mode():
+        logits = model.head(torch.from_numpy(emb)).numpy()
+    return [model.labels[i] for i in logits.argmax(axis=1)]
+
+
+def _finetune(
+    model: ServingModel,
+    tokenizer: Tokenizer,
+    train: Sequence[Example],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    head_lr: float,
+    seed: int,
+    progress: bool,
+) -> list[float]:
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    index = {label: i for i, label in enumerate(model.labels)}
+    items = tokenizer.tokenize([t for t, _ in train])
+    targets = [index[label] for _, label in train]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": lr},
+            {"params": model.head.parameters(), "lr": head_lr},
+        ],
+        weight_decay=0.01,
+    )
+    batches = length_sorted_batches([len(t.ids) for t in items], batch_size)
+    total = epochs * len(batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / max(1, total))
+    )
+    loss_fn = torch.nn.CrossEntropyLoss()
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=total, desc="fine-tuning", unit="batch", disable=not progress)
+    for epoch in range(epochs):
+        rng.shuffle(batches)
+        running = 0.0
+        for step, idx in enumerate(batches, 1):
+            enc = tokenizer.pad([items[i] for i in idx])
+            logits = model.logits(
+                torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask)
+            )
+            loss = loss_fn(logits, torch.tensor([targets[i] for i in idx]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running += float(loss.item())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{running / step:.4f}")
+        losses.append(running / max(1, len(batches)))
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _model_name(dataset: str, frozen: bool) -> str:
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in dataset.lower())
+    return f"{ENCODER_NAME}-{safe}" + ("" if frozen else "-ft")
+
+
+def train(
+    dataset: str | Path = "sentiment",
+    frozen: bool = True,
+    out_dir: Path | None = None,
+    max_train: int | None = None,
+    max_eval: int = DEFAULT_MAX_EVAL,
+    epochs: int = DEFAULT_EPOCHS,
+    batch_size: int = 16,
+    lr: float = 3e-5,
+    head_lr: float = 1e-3,
+    seed: int = DEFAULT_SEED,
+    threads: int | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = print,
+) -> Path:
+    """Train a head (frozen encoder) or fine-tune encoder + head; write a model folder.
+
+    `max_train` caps the (stratified) training examples: default 6,000 frozen, 2,000 fine-tuned.
+    Evaluation uses the held-back test split, capped at `max_eval` examples.
+    Returns `<out_dir>/<name>-<hash12>`; out_dir defaults to env INFLOW_MODEL_DIR or .inflow/models.
+    """
+    set_offline()
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    say = echo or (lambda _msg: None)
+    ds = load_dataset(dataset)
+    labels = ds.labels
+    split = stratified_split(ds.examples, seed=seed)
+    cap = max_train or (DEFAULT_MAX_TRAIN_FROZEN if frozen else DEFAULT_MAX_TRAIN_FINETUNE)
+    train_set = stratified_sample(split.train, cap, seed)
+    test_set = stratified_sample(split.test, max_eval, seed)
+    if not train_set or not test_set:
+        raise DataError(f"dataset {ds.name!r} is too small to split into train and test")
+    name = _model_name(ds.name, frozen)
+    say(
+        f"training {name}: {len(train_set)} train / {len(test_set)} test examples "
+        f"of {len(ds.examples)} ({', '.join(labels)}), frozen={frozen}"
+    )
+    enc_path = encoder_dir()
+    tokenizer = Tokenizer(enc_path / TOKENIZER_FILE, DEFAULT_MAX_SEQ_LEN)
+    model = ServingModel(load_encoder(enc_path, "sdpa"), labels)
+    model.eval()
+
+    t0 = time.perf_counter()
+    x_train = embed_texts(model, tokenizer, [t for t, _ in train_set], progress=progress)
+    embed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    weight, bias, c = fit_logistic_head(x_train, [label for _, label in train_set], labels, seed)
+    head_s = time.perf_counter() - t0
+    with torch.no_grad():
+        model.head.weight.copy_(torch.from_numpy(weight))
+        model.head.bias.copy_(torch.from_numpy(bias))
+    losses: list[float] = []
+    if not frozen:
+        losses = _finetune(
+            model, tokenizer, train_set, epochs, batch_size, lr, head_lr, seed, progress
+        )
+    fit_s = time.perf_counter() - started
+    t0 = time.perf_counter()
+    predicted = _predict_labels(model, tokenizer, [t for t, _ in test_set], progress)
+    eval_s = time.perf_counter() - t0
+    report = evaluate([label for _, label in test_set], predicted, labels)
+    train_info: dict[str, Any] = {
+        "dataset": ds.name,
+        "source": str(Path(dataset).resolve())
+        if ds.name not in ("sentiment", "topic")
+        else ds.name,
+        "frozen": frozen,
+        "n_train": len(train_set),
+        "n_test": len(test_set),
+        "seed": seed,
+        "C": c,
+        "epochs": epochs if not frozen else 0,
+        "losses": losses,
+        "embed_texts_per_s": round(len(train_set) / embed_s, 1) if embed_s else None,
+        "embed_seconds": round(embed_s, 2),
+        "head_fit_seconds": round(head_s, 2),
+        "fit_seconds": round(fit_s, 2),
+        "eval_seconds": round(eval_s, 2),
+        "threads": torch.get_num_threads(),
+    }
+
+    root = Path(out_dir) if out_dir is not None else models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    os.chmod(tmp, 0o755)
+    try:
+        model.save_head(tmp / HEAD_FILE)
+        shutil.copyfile(enc_path / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        encoder_ref = PACKAGE_ENCODER
+        if not frozen:
+            encoder_ref = ENCODER_SUBDIR
+            save_pretrained: Any = getattr(model.encoder, "save_pretrained")  # noqa: B009
+            save_pretrained(str(tmp / ENCODER_SUBDIR), safe_serialization=True)
+        content_hash = compute_hash(tmp, name, labels, encoder_ref)
+        total_s = time.perf_counter() - started
+        train_info["total_seconds"] = round(total_s, 2)
+        full = EvalReport(
+            labels=report.labels,
+            n=report.n,
+            accuracy=report.accuracy,
+            macro_f1=report.macro_f1,
+            per_label=report.per_label,
+            confusion=report.confusion,
+            extra={"split": "test", **train_info},
+        )
+        meta = {
+            "format": 1,
+            "name": name,
+            "labels": labels,
+            "encoder": encoder_ref,
+            "max_seq_len": DEFAULT_MAX_SEQ_LEN,
+            "hash": content_hash,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "train": train_info,
+            "metrics": {"accuracy": report.accuracy, "macro_f1": report.macro_f1},
+        }
+        (tmp / REPORT_FILE).write_text(json.dumps(full.to_dict(), indent=2) + "\n")
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        for written in tmp.rglob("*"):
+            os.chmod(written, 0o755 if written.is_dir() else 0o644)
+        final = root / f"{name}-{content_hash[:12]}"
+        if final.exists():
+            shutil.rmtree(tmp)
+            os.utime(final / MODEL_JSON)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(full.table())
+    say(f"model written to {final} in {total_s:.1f}s")
+    return final

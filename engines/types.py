@@ -1,0 +1,61 @@
+"""The engine contract that the rest of Inflow sees.
+
+`streams/` only ever calls `Engine.predict(texts)` (blocking, on its own thread) and reads
+`Engine.identity`; it never imports a runtime (onnxruntime, tensorrt, torch) itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+EMBEDDING_DIM = 384
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """Names the exact artifact that made a prediction."""
+
+    name: str  # e.g. "minilm-l6-sentiment"
+    version: str  # registry version, e.g. "v3-onnxruntime-int8-1a2b3c4d"
+    backend: str  # "onnxruntime" | "tensorrt" | "torch"
+    precision: str  # "fp32" | "fp16" | "int8"
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """Results keyed by position in the input batch."""
+
+    labels: list[str]
+    scores: list[dict[str, float]]  # label -> probability, sums to 1
+    embeddings: npt.NDArray[np.float32]  # shape (n, EMBEDDING_DIM), L2-normalised rows
+    truncated: list[bool]  # True where the text was cut to the engine's max sequence length
+    model: ModelIdentity
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded, warmed-up model. `predict` blocks: call it from one dedicated thread."""
+
+    @property
+    def identity(self) -> ModelIdentity: ...
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    @property
+    def max_seq_len(self) -> int: ...
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token count of each text after truncation to max_seq_len (for batch token budgets)."""
+        ...
+
+    def predict(self, texts: list[str]) -> BatchResult: ...
+
+    def close(self) -> None: ...

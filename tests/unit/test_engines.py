@@ -1,0 +1,558 @@
+"""Unit tests of `engines/` with a tiny randomly initialised BERT (no real MiniLM weights).
+
+The tiny model uses the real tokenizer (vocabulary) but 2 layers of width 32, so export,
+onnxruntime, registry, gate and CLI paths run in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engines.assets import encoder_dir
+from engines.bench import BenchRow, batches_for, format_table
+from engines.data import load_file, stratified_sample, stratified_split
+from engines.errors import (
+    ActivationRefused,
+    DataError,
+    EngineNotFound,
+    IntegrityError,
+    NothingToRollBack,
+)
+from engines.load import load_engine, open_engine
+from engines.metrics import evaluate
+from engines.modeldir import (
+    ENCODER_SUBDIR,
+    HEAD_FILE,
+    MODEL_JSON,
+    TOKENIZER_FILE,
+    ModelInfo,
+    compute_hash,
+    read_model,
+)
+from engines.parity import Thresholds, compare, cosine_rows
+from engines.registry import ACCEPTED, REJECTED, Manifest, Registry
+from engines.tokenize import Tokenizer
+from engines.types import BatchResult, Engine
+
+LABELS = ["negative", "neutral", "positive"]
+TEXTS = [
+    "I love this, wonderful day!",
+    "This is terrible, I hate it",
+    "ok",
+    "The meeting was moved to Thursday afternoon because the room was booked.",
+    "self-driving cars will change everything, from insurance to the way cities look",
+]
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
+    """A model folder with a tiny random BERT encoder (fine-tuned layout) and a random head."""
+    torch = pytest.importorskip("torch")
+    from transformers import BertConfig, BertModel
+
+    from engines.model import ServingModel
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models") / "tiny-sentiment-0"
+    root.mkdir()
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    encoder = BertModel(config, add_pooling_layer=False).eval()
+    encoder.save_pretrained(str(root / ENCODER_SUBDIR), safe_serialization=True)
+    model = ServingModel(encoder, LABELS)
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)  # make labels depend on the text, not only on the bias
+    model.save_head(root / HEAD_FILE)
+    shutil.copyfile(encoder_dir() / TOKENIZER_FILE, root / TOKENIZER_FILE)
+    meta = {
+        "format": 1,
+        "name": "tiny-sentiment",
+        "labels": LABELS,
+        "encoder": ENCODER_SUBDIR,
+        "max_seq_len": 256,
+        "hash": compute_hash(root, "tiny-sentiment", LABELS, ENCODER_SUBDIR),
+        "train": {"source": "sentiment"},
+    }
+    (root / MODEL_JSON).write_text(json.dumps(meta))
+    return read_model(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_model: ModelInfo) -> Path:
+    from engines.export import export_model
+
+    return export_model(tiny_model, "fp32", progress=False)
+
+
+def _manifest(info: ModelInfo, backend: str, precision: str, artifact: str, **kw: Any) -> Manifest:
+    fields: dict[str, Any] = {
+        "version": "candidate",
+        "model_name": info.name,
+        "model_hash": info.hash,
+        "labels": info.labels,
+        "backend": backend,
+        "precision": precision,
+        "max_batch": 64,
+        "max_seq": 256,
+        "artifact": artifact,
+        "tokenizer": TOKENIZER_FILE,
+        "files": {},
+        "status": ACCEPTED,
+        "created": "2026-01-01T00:00:00+00:00",
+    }
+    fields.update(kw)
+    return Manifest(**fields)
+
+
+def _ort_folder(tiny_model: ModelInfo, tiny_onnx: Path, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tiny_onnx, dest / "model.onnx")
+    shutil.copyfile(tiny_model.tokenizer_path, dest / TOKENIZER_FILE)
+    return dest
+
+
+@pytest.fixture()
+def ort_engine(tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path) -> Any:
+    folder = _ort_folder(tiny_model, tiny_onnx, tmp_path / "ort")
+    engine = open_engine(folder, _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture()
+def torch_engine(tiny_model: ModelInfo) -> Any:
+    engine = open_engine(tiny_model.path, _manifest(tiny_model, "torch", "fp32", MODEL_JSON))
+    yield engine
+    engine.close()
+
+
+def _fake_version(registry: Registry, status: str = ACCEPTED, payload: bytes = b"x") -> Manifest:
+    staging = registry.stage()
+    (staging / "model.onnx").write_bytes(payload)
+    (staging / TOKENIZER_FILE).write_text("{}")
+    manifest = Manifest(
+        version="candidate",
+        model_name="m",
+        model_hash="0123456789abcdef",
+        labels=LABELS,
+        backend="onnxruntime",
+        precision="int8",
+        max_batch=8,
+        max_seq=32,
+        artifact="model.onnx",
+        tokenizer=TOKENIZER_FILE,
+        files={},
+        status=status,
+        created="2026-01-01T00:00:00+00:00",
+        reason="" if status == ACCEPTED else "label agreement 0.9 < 0.95",
+    )
+    return registry.commit(staging, manifest)
+
+
+# ------------------------------------------------------------------------ tokenizer
+def test_tokenizer_pads_to_longest_and_flags_truncation() -> None:
+    tok = Tokenizer(encoder_dir() / TOKENIZER_FILE, max_seq_len=8)
+    enc = tok.encode(["hi", "one two three four five six seven eight nine ten"])
+    assert enc.input_ids.shape == (2, 8)
+    assert enc.input_ids.dtype == np.int64 and enc.attention_mask.dtype == np.int64
+    assert enc.truncated == [False, True]
+    assert enc.lengths == [3, 8]
+    assert enc.attention_mask[0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert enc.input_ids[0, 3:].tolist() == [0] * 5
+    short = tok.encode(["hi", "hello"])
+    assert short.input_ids.shape == (2, 3)  # padded to the longest text, not to max_seq_len
+    assert tok.count_tokens(["hi", "a " * 100]) == [3, 8]
+
+
+def test_tokenizer_rejects_tiny_max_seq() -> None:
+    with pytest.raises(ValueError):
+        Tokenizer(encoder_dir() / TOKENIZER_FILE, max_seq_len=1)
+
+
+# ----------------------------------------------------------------------- export/ORT
+def test_export_has_dynamic_batch_and_sequence_axes(tiny_onnx: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(tiny_onnx)).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.output] == ["probs", "embedding"]
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        assert len(dims) == 2
+        assert all(d.dim_param and not d.dim_value for d in dims), dims
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert not (tiny_onnx.parent / (tiny_onnx.name + ".data")).exists()  # one file
+
+
+def test_export_is_cached_by_model_hash(tiny_model: ModelInfo, tiny_onnx: Path) -> None:
+    from engines.export import export_model
+
+    before = tiny_onnx.stat().st_mtime_ns
+    assert export_model(tiny_model, "fp32", progress=False) == tiny_onnx
+    assert tiny_onnx.stat().st_mtime_ns == before
+
+
+def test_onnxruntime_matches_torch(ort_engine: Any, torch_engine: Any) -> None:
+    p_ort, e_ort, _ = ort_engine.run_raw(TEXTS)
+    p_ref, e_ref, _ = torch_engine.run_raw(TEXTS)
+    np.testing.assert_allclose(p_ort, p_ref, atol=1e-5)
+    np.testing.assert_allclose(e_ort, e_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["ort_engine", "torch_engine"])
+def test_batched_equals_one_at_a_time(which: str, request: pytest.FixtureRequest) -> None:
+    engine = request.getfixturevalue(which)
+    batched = engine.predict(TEXTS)
+    for i, text in enumerate(TEXTS):
+        single = engine.predict([text])
+        assert single.labels[0] == batched.labels[i]
+        np.testing.assert_allclose(single.embeddings[0], batched.embeddings[i], atol=2e-5)
+        for label in LABELS:
+            assert single.scores[0][label] == pytest.approx(batched.scores[i][label], abs=2e-5)
+
+
+def test_predict_contract(ort_engine: Any) -> None:
+    assert isinstance(ort_engine, Engine)
+    result = ort_engine.predict(TEXTS)
+    assert isinstance(result, BatchResult)
+    assert len(result) == len(TEXTS)
+    assert result.embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(result.embeddings, axis=1), 1.0, atol=1e-5)
+    for scores, label in zip(result.scores, result.labels, strict=True):
+        assert set(scores) == set(LABELS)
+        assert sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+        assert label == max(scores, key=lambda k: scores[k])
+    assert result.model.backend == "onnxruntime"
+    empty = ort_engine.predict([])
+    assert len(empty) == 0 and empty.embeddings.shape[0] == 0
+
+
+def test_split_over_max_batch_keeps_order(
+    tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    folder = _ort_folder(tiny_model, tiny_onnx, tmp_path / "small")
+    small = open_engine(
+        folder, _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx", max_batch=2)
+    )
+    big = open_engine(folder, _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx"))
+    texts = TEXTS * 3
+    a, b = small.predict(texts), big.predict(texts)
+    assert a.labels == b.labels
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=2e-5)
+    with pytest.raises(ValueError):
+        small.backend.run(np.zeros((3, 4), np.int64), np.ones((3, 4), np.int64))
+
+
+def test_truncated_flags_from_engine(
+    tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    folder = _ort_folder(tiny_model, tiny_onnx, tmp_path / "trunc")
+    engine = open_engine(
+        folder, _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx", max_seq=16)
+    )
+    result = engine.predict(["short text", "word " * 50])
+    assert result.truncated == [False, True]
+    assert engine.count_tokens(["word " * 50]) == [16]
+    assert engine.max_seq_len == 16
+
+
+def test_int8_quantization_runs(tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path) -> None:
+    from engines.export import export_model
+
+    path = export_model(tiny_model, "int8", progress=False)
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    shutil.copyfile(path, folder / "model.onnx")
+    shutil.copyfile(tiny_model.tokenizer_path, folder / TOKENIZER_FILE)
+    engine = open_engine(folder, _manifest(tiny_model, "onnxruntime", "int8", "model.onnx"))
+    result = engine.predict(TEXTS)
+    assert np.isfinite(result.embeddings).all()
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+
+
+# ------------------------------------------------------------------------ registry
+def test_registry_activate_rollback_and_history(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    assert reg.active_version() is None and reg.list() == []
+    v1 = _fake_version(reg).version
+    v2 = _fake_version(reg, payload=b"y").version
+    assert v1.startswith("v1-onnxruntime-int8-01234567")
+    assert v2.startswith("v2-")
+    reg.activate(v1)
+    reg.activate(v2)
+    assert reg.active_version() == v2
+    assert [m.version for m in reg.list()] == [v1, v2]
+    assert reg.rollback() == v1
+    assert reg.active_version() == v1
+    with pytest.raises(NothingToRollBack):
+        reg.rollback()
+    assert not list(reg.root.glob(".staging-*"))
+
+
+def test_registry_rejected_build_needs_force(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    bad = _fake_version(reg, status=REJECTED).version
+    with pytest.raises(ActivationRefused, match="--force"):
+        reg.activate(bad)
+    assert reg.active_version() is None
+    reg.activate(bad, force=True)
+    assert reg.active_version() == bad
+
+
+def test_registry_detects_tampered_artifact(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    version = _fake_version(reg).version
+    reg.verify(version)
+    (reg.path(version) / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(IntegrityError) as err:
+        reg.activate(version)
+    message = str(err.value)
+    assert "model.onnx" in message and "\n" not in message
+    with pytest.raises(IntegrityError):
+        load_engine(reg.root, version, warmup=False)
+
+
+def test_load_engine_without_active_engine(tmp_path: Path) -> None:
+    with pytest.raises(EngineNotFound, match="engine ensure"):
+        load_engine(tmp_path / "empty")
+    with pytest.raises(EngineNotFound):
+        Registry(tmp_path / "empty").get("v1-onnxruntime-int8-00000000")
+
+
+def test_build_gate_registry_and_load(
+    tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    from engines.build import build
+
+    root = tmp_path / "reg"
+    loose = Thresholds(min_agreement=0.9, min_cosine=0.99, max_accuracy_drop=0.05)
+    ok = build(
+        "onnxruntime",
+        "fp32",
+        model=tiny_model.path,
+        registry_root=root,
+        thresholds=loose,
+        parity_texts=40,
+        activate=True,
+        progress=False,
+        echo=None,
+    )
+    assert ok.accepted and ok.parity is not None and ok.parity["agreement"] == 1.0
+    assert set(ok.files) == {"model.onnx", TOKENIZER_FILE}
+    strict = Thresholds(min_agreement=1.01)
+    bad = build(
+        "onnxruntime",
+        "fp32",
+        model=tiny_model.path,
+        registry_root=root,
+        thresholds=strict,
+        parity_texts=40,
+        activate=True,
+        progress=False,
+        echo=None,
+    )
+    assert bad.status == REJECTED and "agreement" in bad.reason
+    reg = Registry(root)
+    assert reg.active_version() == ok.version
+    engine = load_engine(root)
+    assert engine.identity.version == ok.version
+    assert len(engine.predict(TEXTS)) == len(TEXTS)
+    engine.close()
+
+
+def test_onnxruntime_engine_loads_without_torch(
+    tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    reg = Registry(tmp_path / "reg")
+    staging = _ort_folder(tiny_model, tiny_onnx, reg.stage())
+    version = reg.commit(
+        staging, _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx")
+    ).version
+    reg.activate(version)
+    code = (
+        "import sys; from engines.load import load_engine; "
+        f"e = load_engine({str(reg.root)!r}); e.predict(['hello']); "
+        "bad = [m for m in ('torch', 'transformers', 'engines.export', 'engines.train', "
+        "'engines.model', 'sklearn') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- parity
+def _arrays(n: int = 50, k: int = 3, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k)) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    emb = rng.normal(size=(n, d))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return probs.astype(np.float32), emb.astype(np.float32)
+
+
+def test_parity_identical_passes() -> None:
+    probs, emb = _arrays()
+    gold = [LABELS[i] for i in probs.argmax(axis=1)]
+    report = compare(probs, emb, probs.copy(), emb.copy(), LABELS, gold=gold)
+    assert report.passed and report.agreement == 1.0
+    assert report.cosine_min == pytest.approx(1.0, abs=1e-6)
+    assert report.accuracy_candidate == report.accuracy_reference == 1.0
+    assert report.accuracy_drop == 0.0
+    assert json.loads(report.to_json())["passed"] is True
+
+
+def test_parity_flags_label_flips_cosine_and_accuracy() -> None:
+    probs, emb = _arrays()
+    gold = [LABELS[i] for i in probs.argmax(axis=1)]
+    cand = probs.copy()
+    cand[:10] = cand[:10, ::-1]  # reverse scores: top label changes for most of 10 rows
+    cand_emb = emb.copy()
+    cand_emb[0] = -cand_emb[0]
+    report = compare(
+        probs, emb, cand, cand_emb, LABELS, gold=gold, texts=[str(i) for i in range(50)]
+    )
+    assert not report.passed
+    text = " ".join(report.failures)
+    assert "agreement" in text and "cosine" in text and "accuracy drop" in text
+    assert report.cosine_min == pytest.approx(-1.0, abs=1e-5)
+    assert report.disagreements and report.disagreements[0]["text"] == "0"
+
+
+def test_parity_nan_and_score_threshold() -> None:
+    probs, emb = _arrays()
+    cand = probs.copy()
+    cand[3, 0] = np.nan
+    report = compare(probs, emb, cand, emb, LABELS, thresholds=Thresholds(max_score_diff=0.0))
+    assert any("NaN" in f for f in report.failures)
+    with pytest.raises(ValueError):
+        compare(probs, emb, probs[:3], emb[:3], LABELS)
+
+
+def test_cosine_rows() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    b = np.array([[1.0, 0.0], [2.0, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(cosine_rows(a, b), [1.0, 0.0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- bench
+def test_bench_table_and_batches() -> None:
+    rows = [
+        BenchRow("torch:fp32", 1, 8, 60.0, 16.0, 20.0),
+        BenchRow("onnxruntime:int8", 1, 8, 140.5, 7.0, 8.5),
+        BenchRow("onnxruntime:int8", 32, 256, 262.0, 120.0, 130.0),
+    ]
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert "batch 1" in lines[0] and "batch 32" in lines[0]
+    assert any(line.startswith("onnxruntime:int8") and "262.0" in line for line in lines)
+    torch_line = next(line for line in lines if line.startswith("torch:fp32"))
+    assert torch_line.rstrip().endswith("-")  # no batch-32 result for torch
+    assert format_table([]) == "(no results)"
+    batches = batches_for(["a", "b", "c"], 2, min_batches=4)
+    assert [len(b) for b in batches] == [2, 2, 2, 2]
+    assert batches[1] == ["c", "a"]
+
+
+# ----------------------------------------------------------------------- data/metrics
+def test_stratified_split_is_deterministic_and_disjoint() -> None:
+    examples = [(f"text {i}", LABELS[i % 3]) for i in range(300)]
+    a = stratified_split(examples, seed=1)
+    b = stratified_split(examples, seed=1)
+    assert a == b
+    assert len(a.validation) == len(a.test) == 30 and len(a.train) == 240
+    sets = [set(a.train), set(a.validation), set(a.test)]
+    assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    assert sorted(label for _, label in a.validation) == sorted(LABELS * 10)
+    assert stratified_split(examples, seed=2) != a
+    sample = stratified_sample(examples, 30, seed=1)
+    assert len(sample) == 30 and {label for _, label in sample} == set(LABELS)
+
+
+def test_load_file_csv_and_jsonl(tmp_path: Path) -> None:
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("id,Text,label\n1,good,pos\n2,bad,neg\n3,good,pos\n4,,neg\n")
+    assert load_file(csv_path) == [("good", "pos"), ("bad", "neg")]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"text": "a", "sentiment": "x"}\n\n{"text": "b", "sentiment": "y"}\n')
+    assert load_file(jsonl) == [("a", "x"), ("b", "y")]
+    with pytest.raises(DataError, match="column"):
+        load_file(csv_path, text_column="body")
+    with pytest.raises(DataError):
+        load_file(tmp_path / "missing.csv")
+
+
+def test_evaluate_metrics_and_table() -> None:
+    report = evaluate(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"])
+    assert report.accuracy == 0.75
+    assert report.confusion == [[1, 1], [0, 2]]
+    assert report.per_label["a"]["precision"] == 1.0
+    assert report.macro_f1 == pytest.approx((2 / 3 + 0.8) / 2)
+    assert "macro-F1" in report.table()
+
+
+# ------------------------------------------------------------------------------ CLI
+def _cli(argv: list[str]) -> int:
+    from engines.cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--registry", type=Path, default=None)
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+def test_cli_list_activate_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reg = Registry(tmp_path / "reg")
+    v1 = _fake_version(reg).version
+    v2 = _fake_version(reg, status=REJECTED).version
+    root = ["--registry", str(reg.root)]
+    assert _cli([*root, "engine", "activate", v1]) == 0
+    assert _cli([*root, "engine", "activate", v2]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err
+    assert _cli([*root, "engine", "activate", v2, "--force"]) == 0
+    assert _cli([*root, "engine", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"* {v2}" in out and "rejected" in out
+    assert _cli([*root, "engine", "rollback"]) == 0
+    assert reg.active_version() == v1
+    assert _cli([*root, "engine", "verify"]) == 0
+    assert _cli([*root, "engine", "activate", "nope"]) == 2
+    assert _cli([*root, "engine"]) == 2
+
+
+def test_build_rejects_bad_combinations_fast(tmp_path: Path) -> None:
+    import importlib.util
+
+    from engines.build import build
+    from engines.errors import BackendUnavailable, BuildError
+
+    with pytest.raises(BuildError, match="fp32 or int8"):
+        build("onnxruntime", "fp16", registry_root=tmp_path, echo=None)
+    with pytest.raises(BuildError, match="unknown backend"):
+        build("tvm", "fp32", registry_root=tmp_path, echo=None)
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(BackendUnavailable, match="tensorrt is not installed"):
+            build("tensorrt", registry_root=tmp_path, echo=None)
+    assert not (tmp_path / "versions").exists()
