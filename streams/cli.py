@@ -111,6 +111,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(args), n=args.n)
 
 
+def cmd_batch_bench(args: argparse.Namespace) -> int:
+    from streams.batch_bench import run_batch_bench
+
+    return run_batch_bench(
+        _settings(args),
+        n=args.n,
+        sizes=args.sizes,
+        token_budgets=args.tokens,
+        waits=args.waits,
+        burst=args.burst,
+        json_path=args.json,
+    )
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas: {text!r}"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("values must not be negative")
+    return values
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -170,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the end-to-end demo (make demo)")
     demo.add_argument("-n", type=int, default=2000, help="number of real texts to publish")
     demo.set_defaults(handler=cmd_demo)
+
+    bench = sub.add_parser("batch-bench", help="throughput and latency per batching policy")
+    bench.add_argument("--n", type=int, default=1024, help="real texts (1024)")
+    bench.add_argument("--sizes", type=_int_list, default=[8, 16, 32, 64])
+    bench.add_argument("--tokens", type=_int_list, default=[4096])
+    bench.add_argument("--waits", type=_int_list, default=[25])
+    bench.add_argument("--burst", type=int, default=200, help="texts arriving together (200)")
+    bench.add_argument("--json", type=Path, default=None)
+    bench.set_defaults(handler=cmd_batch_bench)
 
     try:
         from engines.cli import add_commands
