@@ -148,33 +148,13 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
     async def infer(stream: Any) -> None:
         await ready.wait()
         async for event in stream.noack().events():
-            message = event.message
-            await infer_stage.handle(
-                InputRecord(
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                    message.key,
-                    message.value,
-                    event.ack,
-                )
-            )
+            await infer_stage.handle(input_record(event))
 
     @app.agent(predictions, concurrency=1)
     async def index(stream: Any) -> None:
         await ready.wait()
         async for event in stream.noack().events():
-            message = event.message
-            await index_buffer.add(
-                InputRecord(
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                    message.key,
-                    message.value,
-                    event.ack,
-                )
-            )
+            await index_buffer.add(input_record(event))
 
     @app.task
     async def _start() -> None:
@@ -207,8 +187,9 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
                 return
             log.info("engine: switching %s -> %s", current, wanted)
             try:
+                # load_engine warms the new engine up before it is swapped in.
                 identity = await batcher.swap_engine(
-                    lambda: _warm(load_engine(settings.engine_dir, wanted))
+                    lambda: load_engine(settings.engine_dir, wanted)
                 )
             except Exception as exc:
                 failed.add(wanted)
@@ -223,6 +204,9 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
     return app
 
 
-def _warm(engine: Engine) -> Engine:
-    engine.predict(["warm-up"])
-    return engine
+def input_record(event: Any) -> InputRecord:
+    """The raw record of a Faust event (original key and value bytes) and its ack."""
+    message = event.message
+    return InputRecord(
+        message.topic, message.partition, message.offset, message.key, message.value, event.ack
+    )

@@ -13,9 +13,9 @@ log = logging.getLogger("inflow.worker")
 
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
     import faust
+
     from engines.load import load_engine
     from engines.registry import Registry
-
     from streams.app import create_app
 
     logging.basicConfig(
@@ -24,8 +24,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
     settings.require_kafka()
     settings.require_es()
     started = time.perf_counter()
-    engine = load_engine(settings.engine_dir, settings.engine_version or None)
-    engine.predict(["warm-up"] * min(4, engine.max_batch_size))  # first call allocates; do it now
+    engine = load_engine(settings.engine_dir, settings.engine_version or None)  # and warms it up
     identity = engine.identity
     log.info(
         "engine %s (%s %s) loaded and warm in %.1fs",
