@@ -17,12 +17,13 @@ import faust
 from faust.types.auth import SASLMechanism
 
 from engines.types import Engine
-from indexer import BulkWriter, EsSettings, Searcher
+from indexer import BulkWriter, EsSettings, Searcher, ensure_index
 from streams.batcher import Batcher, BatchPolicy
 from streams.config import Settings
 from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
 from streams.metrics import Metrics
+from streams.retry import retry_forever
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,12 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
         metrics,
         max_in_flight=settings.max_in_flight,
     )
-    writer = BulkWriter(es_settings(settings), alias=settings.es_alias)
+    # One client for the writer and the searcher; the index is ensured at start (below).
+    es = es_settings(settings).make_client()
+    writer = BulkWriter(client=es, alias=settings.es_alias, ensure=False)
     index_stage = IndexStage(writer, publisher, settings.predictions_dlq_topic, metrics)
     index_buffer = IndexBuffer(index_stage, settings.index_batch_size, settings.index_max_wait_ms)
-    searcher = Searcher(es_settings(settings), alias=settings.es_alias)
+    searcher = Searcher(client=es, alias=settings.es_alias)
     app_state.update(
         batcher=batcher, infer=infer_stage, writer=writer, searcher=searcher, registry=registry
     )
@@ -159,7 +162,15 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
     @app.task
     async def _start() -> None:
         await batcher.start()
-        await writer.start()  # creates the index template and alias when missing
+        # Elasticsearch may come up after the worker: keep trying (one log line per attempt)
+        # rather than crash; nothing is consumed until the index exists.
+        await retry_forever(
+            lambda: ensure_index(es, settings.es_alias),
+            what=f"create index template and alias {settings.es_alias}",
+            base_s=1.0,
+            cap_s=15.0,
+        )
+        await writer.start()
         await searcher.start()
         await index_buffer.start()
         ready.set()
@@ -173,6 +184,7 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
         await batcher.stop()
         await writer.stop()
         await searcher.stop()
+        await es.close()
 
     if registry is not None and not settings.engine_version:
         failed: set[str] = set()

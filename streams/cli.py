@@ -7,6 +7,7 @@ as one line on stderr and exit code 2, never a traceback (INFLOW_DEBUG=1 shows i
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -236,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    if args.command != "worker":
+        # One-shot commands report failures themselves, in one line; the client's own
+        # connection-retry logging would only repeat them.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+        logging.getLogger("elastic_transport").setLevel(logging.CRITICAL)
     try:
         if args.registry is not None:
             os.environ["INFLOW_ENGINE_DIR"] = str(args.registry)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streams.config import Settings
+from streams.errors import KafkaUnavailable
 from streams.kafka import admin_client
 
 
@@ -53,4 +54,11 @@ async def ensure_topics(settings: Settings) -> list[str]:
 
 
 def ensure_topics_sync(settings: Settings) -> list[str]:
-    return asyncio.run(ensure_topics(settings))
+    try:
+        return asyncio.run(asyncio.wait_for(ensure_topics(settings), timeout=60))
+    except (KafkaError, TimeoutError, OSError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {settings.kafka_bootstrap} ({detail}): check "
+            "INFLOW_KAFKA_BOOTSTRAP and the broker, or run `inflow dev up`"
+        ) from None

@@ -179,3 +179,27 @@ def test_worker_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "inflow: error: INFLOW_MAX_BATCH_SIZE must be an integer, got 'lots'"
     )
+
+
+def test_unreachable_kafka_is_a_one_line_error(tmp_path: Path, engine_dir: Path) -> None:
+    from streams.dev.services import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFLOW_")}
+    env.update(
+        INFLOW_STATE_DIR=str(tmp_path),
+        INFLOW_ENGINE_DIR=str(engine_dir),
+        INFLOW_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}",  # nothing listens there
+        INFLOW_ES_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "topics"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("inflow: error: cannot reach Kafka at 127.0.0.1:")
+    assert "inflow dev up" in line
