@@ -304,18 +304,25 @@ def ensure(
                     continue
                 say(f"activated existing engine {existing.version}")
                 return existing
-    manifest = build(
-        "onnxruntime",
-        "int8",
-        model=info.path,
-        registry_root=registry.root,
-        thresholds=thresholds,
-        activate=True,
-        progress=progress,
-        echo=say,
+    # INT8 first (fastest on CPU); fp32 when the gate rejects it.
+    for precision in ("int8", "fp32"):
+        manifest = build(
+            "onnxruntime",
+            precision,
+            model=info.path,
+            registry_root=registry.root,
+            thresholds=thresholds,
+            activate=True,
+            progress=progress,
+            echo=say,
+        )
+        if manifest.accepted:
+            return manifest
+        say(f"{precision} was rejected by the parity gate ({manifest.reason})")
+    raise BuildError(
+        f"even the fp32 engine failed the parity gate ({manifest.reason}): "
+        "retrain the model or relax the thresholds"
     )
-    if manifest.accepted:
-        return manifest
     say("int8 was rejected by the parity gate: building fp32 instead")
     manifest = build(
         "onnxruntime",
