@@ -24,19 +24,17 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Settings:
     return Settings.load(overrides=overrides)
 
 
-def _dev_services(settings: Settings) -> Any:
-    from streams.dev.services import DEFAULT_KAFKA_VERSION, DevServices
+def dev_services(settings: Settings) -> Any:
+    from streams.dev.services import DevServices
 
-    cache = Path(os.environ.get("INFLOW_CACHE_DIR", Path.home() / ".cache" / "inflow"))
-    version = os.environ.get("INFLOW_KAFKA_VERSION", DEFAULT_KAFKA_VERSION)
-    return DevServices(settings.state_dir, cache, kafka_version=version)
+    return DevServices.for_state_dir(settings.state_dir)
 
 
 # --------------------------------------------------------------------------- dev
 
 
 def cmd_dev_up(args: argparse.Namespace) -> int:
-    services = _dev_services(Settings.load(env={**os.environ}))
+    services = dev_services(Settings.load(env={**os.environ}))
     endpoints = services.up(broker=args.broker, kafka_port=args.kafka_port, es_port=args.es_port)
     for line in endpoints.env_lines():
         print(line)
@@ -44,7 +42,7 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_down(args: argparse.Namespace) -> int:
-    services = _dev_services(Settings.load())
+    services = dev_services(Settings.load())
     stopped = services.down()
     for record in stopped:
         print(f"stopped {record.name}: {record.description} (pid {record.pid})")
@@ -54,7 +52,7 @@ def cmd_dev_down(args: argparse.Namespace) -> int:
 
 
 def cmd_dev_status(args: argparse.Namespace) -> int:
-    services = _dev_services(Settings.load())
+    services = dev_services(Settings.load())
     code = 0
     for name, record in services.status().items():
         if record is None:

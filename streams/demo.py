@@ -44,9 +44,9 @@ def _inflow(*args: str, env: dict[str, str] | None = None) -> None:
 @contextlib.contextmanager
 def _services(settings: Settings) -> Iterator[Settings]:
     """Use running services (env or .inflow/dev.env); else start them and stop them after."""
-    from streams.cli import _dev_services
+    from streams.dev.services import DevServices
 
-    dev = _dev_services(settings)
+    dev = DevServices.for_state_dir(settings.state_dir)
     running = all(dev.status().values())
     if settings.kafka_bootstrap and settings.es_url and (running or "INFLOW_ES_URL" in os.environ):
         yield settings

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.dev.services import DEFAULT_KAFKA_VERSION, DevServices
+from streams.dev.services import DevServices
 
 
 @dataclass(frozen=True)
@@ -54,11 +54,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServices]
     if _docker_answers():
         yield from _containers()
         return
-    cache = Path(os.environ.get("INFLOW_CACHE_DIR", Path.home() / ".cache" / "inflow"))
-    state = tmp_path_factory.mktemp("inflow-services")
-    dev = DevServices(
-        state, cache, kafka_version=os.environ.get("INFLOW_KAFKA_VERSION", DEFAULT_KAFKA_VERSION)
-    )
+    dev = DevServices.for_state_dir(tmp_path_factory.mktemp("inflow-services"))
     broker = os.environ.get("INFLOW_TEST_BROKER", "auto")
     try:
         endpoints = dev.up(broker=broker)  # type: ignore[arg-type]

@@ -297,6 +297,14 @@ class DevServices:
         self.pid_dir = state_dir / "pids"
         self.log_dir = state_dir / "logs"
 
+    @classmethod
+    def for_state_dir(cls, state_dir: Path) -> DevServices:
+        """The jar cache (INFLOW_CACHE_DIR, default ~/.cache/inflow) and Kafka version
+        (INFLOW_KAFKA_VERSION) from the environment: shared by the CLI, the demo and tests."""
+        cache = Path(os.environ.get("INFLOW_CACHE_DIR", Path.home() / ".cache" / "inflow"))
+        version = os.environ.get("INFLOW_KAFKA_VERSION", DEFAULT_KAFKA_VERSION)
+        return cls(state_dir, cache, kafka_version=version)
+
     @property
     def env_file(self) -> Path:
         return self.state_dir / "dev.env"
