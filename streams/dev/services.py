@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -218,6 +219,12 @@ def _wait_until(
         if ready():
             return
         time.sleep(0.3)
+    proc.terminate()  # never leave a half-started service behind
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
     raise DevError(f"{what} did not become ready within {timeout_s:.0f}s: see {log}")
 
 
@@ -354,14 +361,15 @@ class DevServices:
         )
         started_search = search is None
         if search is None:
-            search = self._start_search(es_port)
+            search = _with_port_retries(self._start_search, es_port)
         try:
             if kafka is None:
-                kafka = (
-                    self._start_apache_kafka(kafka_port, libs)
+                starter = (
+                    functools.partial(self._start_apache_kafka, libs=libs)
                     if libs is not None
-                    else self._start_noida_kafka(kafka_port)
+                    else self._start_noida_kafka
                 )
+                kafka = _with_port_retries(starter, kafka_port)
         except BaseException:
             if started_search:
                 _stop_pid(search.pid, search.marker)
@@ -484,6 +492,19 @@ class DevServices:
         self._save(record)
         self.progress(f"broker: {record.description}, pid {proc.pid}")
         return record
+
+
+def _with_port_retries(start: Callable[[int], ServiceRecord], port: int) -> ServiceRecord:
+    """A free port picked by us (port 0) can be taken by another process before the service
+    binds it; then try again on a new one. A port the user chose is tried once."""
+    attempts = 3 if port == 0 else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return start(port)
+        except DevError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _kafka_cluster_id() -> str:
