@@ -19,6 +19,13 @@ Int64Array = npt.NDArray[np.int64]
 Float32Array = npt.NDArray[np.float32]
 
 
+def check_batch_shape(input_ids: Int64Array, max_batch: int, max_seq: int) -> None:
+    """Refuse a batch larger than the shapes the backend was built for."""
+    n, seq = input_ids.shape
+    if n > max_batch or seq > max_seq:
+        raise ValueError(f"batch {n}x{seq} exceeds the engine's {max_batch}x{max_seq}")
+
+
 class Backend(Protocol):
     name: str  # "onnxruntime" | "tensorrt" | "torch"
     precision: str  # "fp32" | "fp16" | "int8"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.backends.base import Float32Array, Int64Array
+from engines.backends.base import Float32Array, Int64Array, check_batch_shape
 from engines.errors import BackendUnavailable, EngineLoadError
 
 ENV_PROVIDERS = "INFLOW_ORT_PROVIDERS"  # e.g. "CUDAExecutionProvider,CPUExecutionProvider"
@@ -113,11 +113,7 @@ class OnnxRuntimeBackend:
     def run(
         self, input_ids: Int64Array, attention_mask: Int64Array
     ) -> tuple[Float32Array, Float32Array]:
-        n, seq = input_ids.shape
-        if n > self._max_batch or seq > self._max_seq:
-            raise ValueError(
-                f"batch {n}x{seq} exceeds the engine's {self._max_batch}x{self._max_seq}"
-            )
+        check_batch_shape(input_ids, self._max_batch, self._max_seq)
         probs, embedding = self._session.run(
             ["probs", "embedding"],
             {

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.backends.base import Float32Array, Int64Array
+from engines.backends.base import Float32Array, Int64Array, check_batch_shape
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -58,11 +58,7 @@ class TorchBackend:
     ) -> tuple[Float32Array, Float32Array]:
         import torch
 
-        n, seq = input_ids.shape
-        if n > self._max_batch or seq > self._max_seq:
-            raise ValueError(
-                f"batch {n}x{seq} exceeds the engine's {self._max_batch}x{self._max_seq}"
-            )
+        check_batch_shape(input_ids, self._max_batch, self._max_seq)
         with torch.inference_mode():
             ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.device)
             mask = torch.from_numpy(np.ascontiguousarray(attention_mask)).to(self.device)
