@@ -42,8 +42,8 @@ def open_engine(
                 providers=providers,
             )
         elif manifest.backend == "torch":
-            from engines.backends.torch import TorchBackend
-            from engines.model import load_serving_model
+            from engines.build.model import load_serving_model
+            from engines.build.torch_backend import TorchBackend
 
             backend = TorchBackend(
                 load_serving_model(folder),

@@ -228,7 +228,7 @@ class TensorRTBackend:
     def load(
         cls, plan_path: Path, *, device_index: int = 0, check_sidecar: bool = True
     ) -> TensorRTBackend:
-        """Deserialize a plan built by `engines.trt.builder.build_engine` onto a GPU.
+        """Deserialize a plan built by `engines.build.trt.builder.build_engine` onto a GPU.
 
         Checks the plan's sidecar (TensorRT release, compute capability) first when there
         is one. Raises `TensorRTUnavailable` without tensorrt/CUDA, `TensorRTLoadError` for a

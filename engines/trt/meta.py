@@ -33,7 +33,7 @@ class BuildInfo:
     gpu_name: str
     compute_capability: tuple[int, int]
     precision: str  # "fp16" | "fp32"
-    strongly_typed: bool  # True: precision written into the graph (engines.trt.autocast)
+    strongly_typed: bool  # True: precision written into the graph (engines.build.trt.autocast)
     max_batch: int
     max_seq: int
     profiles: tuple[Profile, ...]

@@ -27,7 +27,7 @@ def engine_dir() -> Path:
     """An engine registry with an active version (built once; `make demo` shares it)."""
     registry = Path(os.environ.get("INFLOW_ENGINE_DIR", ROOT / ".inflow" / "engines"))
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "--registry", str(registry), "engine", "ensure"],
+        [sys.executable, "-m", "streams.cli.main", "--registry", str(registry), "engine", "ensure"],
         cwd=ROOT,
         timeout=1800,
     )
@@ -106,7 +106,7 @@ class WorkerFactory:
         log = self.tmp / f"worker-{len(self.started)}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker"],
+                [sys.executable, "-m", "streams.cli.main", "worker"],
                 env=env,
                 cwd=ROOT,
                 stdout=out,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.data import sample_texts
+from engines.build.data import sample_texts
 from engines.registry import Registry
 from schemas import Prediction, decode_prediction, encode_event
 from tests.e2e.conftest import ROOT, Names, Worker, WorkerFactory, read_topic
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 def _inflow(registry: Path, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "--registry", str(registry), *args],
+        [sys.executable, "-m", "streams.cli.main", "--registry", str(registry), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

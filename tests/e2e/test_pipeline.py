@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from elasticsearch import AsyncElasticsearch
 
-from engines.data import sample_texts
+from engines.build.data import sample_texts
 from schemas import Prediction, decode_prediction, encode_event, parse_dead_letter_headers
 from tests.e2e.conftest import ROOT, Names, WorkerFactory, read_topic
 
@@ -68,7 +68,7 @@ async def _indexed_ids(es_url: str, alias: str, expected: int, timeout_s: float 
 
 def _search_cli(env: dict[str, str], *args: str) -> dict[str, object]:
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "search", *args, "--json"],
+        [sys.executable, "-m", "streams.cli.main", "search", *args, "--json"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -168,7 +168,7 @@ def test_worker_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFLOW_")}
     env.update(INFLOW_STATE_DIR=str(tmp_path), INFLOW_MAX_BATCH_SIZE="lots")
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker"],
+        [sys.executable, "-m", "streams.cli.main", "worker"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -192,7 +192,7 @@ def test_unreachable_kafka_is_a_one_line_error(tmp_path: Path, engine_dir: Path)
         INFLOW_ES_URL=f"http://127.0.0.1:{free_port()}",
     )
     result = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "topics"],
+        [sys.executable, "-m", "streams.cli.main", "topics"],
         env=env,
         cwd=ROOT,
         capture_output=True,

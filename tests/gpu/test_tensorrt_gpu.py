@@ -2,7 +2,7 @@
 
 Runs only where `tensorrt` imports and torch sees a CUDA device; skipped elsewhere with the
 reason. The graph is a tiny BERT-like model with the serving contract
-(`engines.trt.testing.TinyServingModel`, exported here), or the real exported serving graph
+(`engines.build.trt.testing.TinyServingModel`, exported here), or the real exported serving graph
 when INFLOW_TEST_ONNX names one. Each available typing mode is built once per module:
 weakly typed FP16 with FP32 pins (TensorRT 10) and strongly typed with the autocast graph.
 
@@ -31,7 +31,7 @@ except (ImportError, OSError) as exc:  # OSError: the wheel is there, its librar
     )
 
 from engines.backends.tensorrt import TensorRTBackend
-from engines.trt.builder import build_engine
+from engines.build.trt.builder import build_engine
 from engines.trt.errors import ShapeError
 from engines.trt.meta import read_sidecar
 
@@ -80,7 +80,7 @@ def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not path.is_file():
             pytest.fail(f"INFLOW_TEST_ONNX={REAL_ONNX} is not a file")
         return path
-    from engines.trt.testing import export_tiny_onnx
+    from engines.build.trt.testing import export_tiny_onnx
 
     return export_tiny_onnx(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 

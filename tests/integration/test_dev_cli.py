@@ -19,7 +19,7 @@ def inflow(
     *args: str, env: dict[str, str], timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
+        [sys.executable, "-m", "streams.cli.main", *args],
         env=env,
         capture_output=True,
         text=True,

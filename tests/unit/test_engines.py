@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 
 from engines.assets import encoder_dir
-from engines.bench import BenchRow, batches_for, format_table
-from engines.data import load_file, stratified_sample, stratified_split
+from engines.build.bench import BenchRow, batches_for, format_table
+from engines.build.data import load_file, stratified_sample, stratified_split
+from engines.build.metrics import evaluate
+from engines.build.parity import Thresholds, compare, cosine_rows
 from engines.errors import (
     ActivationRefused,
     DataError,
@@ -29,7 +31,6 @@ from engines.errors import (
     NothingToRollBack,
 )
 from engines.load import load_engine, open_engine
-from engines.metrics import evaluate
 from engines.modeldir import (
     ENCODER_SUBDIR,
     HEAD_FILE,
@@ -39,7 +40,6 @@ from engines.modeldir import (
     compute_hash,
     read_model,
 )
-from engines.parity import Thresholds, compare, cosine_rows
 from engines.registry import ACCEPTED, REJECTED, Manifest, Registry
 from engines.tokenize import Tokenizer
 from engines.types import BatchResult, Engine
@@ -61,7 +61,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
     torch = pytest.importorskip("torch")
     from transformers import BertConfig, BertModel
 
-    from engines.model import ServingModel
+    from engines.build.model import ServingModel
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models") / "tiny-sentiment-0"
@@ -96,7 +96,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_model: ModelInfo) -> Path:
-    from engines.export import export_model
+    from engines.build.export import export_model
 
     return export_model(tiny_model, "fp32", progress=False)
 
@@ -202,7 +202,7 @@ def test_export_has_dynamic_batch_and_sequence_axes(tiny_onnx: Path) -> None:
 
 
 def test_export_is_cached_by_model_hash(tiny_model: ModelInfo, tiny_onnx: Path) -> None:
-    from engines.export import export_model
+    from engines.build.export import export_model
 
     before = tiny_onnx.stat().st_mtime_ns
     assert export_model(tiny_model, "fp32", progress=False) == tiny_onnx
@@ -274,7 +274,7 @@ def test_truncated_flags_from_engine(
 
 
 def test_int8_quantization_runs(tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path) -> None:
-    from engines.export import export_model
+    from engines.build.export import export_model
 
     path = export_model(tiny_model, "int8", progress=False)
     folder = tmp_path / "int8"
@@ -342,7 +342,7 @@ def test_load_engine_without_active_engine(tmp_path: Path) -> None:
 def test_build_gate_registry_and_load(
     tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path
 ) -> None:
-    from engines.build import build
+    from engines.build.pipeline import build
 
     root = tmp_path / "reg"
     loose = Thresholds(min_agreement=0.9, min_cosine=0.99, max_accuracy_drop=0.05)
@@ -392,8 +392,8 @@ def test_onnxruntime_engine_loads_without_torch(
     code = (
         "import sys; from engines.load import load_engine; "
         f"e = load_engine({str(reg.root)!r}); e.predict(['hello']); "
-        "bad = [m for m in ('torch', 'transformers', 'engines.export', 'engines.train', "
-        "'engines.model', 'sklearn') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sklearn') "
+        "or m.startswith('engines.build')]; print(bad); sys.exit(1 if bad else 0)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -512,7 +512,7 @@ def test_evaluate_metrics_and_table() -> None:
 
 # ------------------------------------------------------------------------------ CLI
 def _cli(argv: list[str]) -> int:
-    from engines.cli import add_commands
+    from streams.cli.engine import add_commands
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--registry", type=Path, default=None)
@@ -545,7 +545,7 @@ def test_cli_list_activate_rollback(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_build_rejects_bad_combinations_fast(tmp_path: Path) -> None:
     import importlib.util
 
-    from engines.build import build
+    from engines.build.pipeline import build
     from engines.errors import BackendUnavailable, BuildError
 
     with pytest.raises(BuildError, match="fp32 or int8"):

@@ -22,10 +22,11 @@ import pytest
 
 from engines.backends.base import Backend
 from engines.backends.tensorrt import TensorRTBackend
+from engines.build.trt.builder import build_engine, check_network_io, choose_strongly_typed
+from engines.build.trt.precision import LayerInfo, fp32_layer_names, overflow_layers
 from engines.errors import BackendUnavailable, EngineError, EngineLoadError
 from engines.trt import profiles as P
 from engines.trt.bindings import TensorSpec, check_io, to_input_dtype
-from engines.trt.builder import build_engine, check_network_io, choose_strongly_typed
 from engines.trt.errors import (
     INSTALL_HINT,
     ShapeError,
@@ -36,7 +37,6 @@ from engines.trt.errors import (
 )
 from engines.trt.lib import NO_CUDA_HINT, LogSink, capture_errors, forward_log, shared_logger
 from engines.trt.meta import BuildInfo, check_compatible, read_sidecar, sidecar_path, write_sidecar
-from engines.trt.precision import LayerInfo, fp32_layer_names, overflow_layers
 from engines.types import EMBEDDING_DIM
 
 # --- profiles -------------------------------------------------------------------------

@@ -20,12 +20,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.trt import builder as builder_mod
-from engines.trt.autocast import matmuls_to_fp16
+from engines.build.trt import builder as builder_mod
+from engines.build.trt.autocast import matmuls_to_fp16
+from engines.build.trt.precision import LayerInfo, fp32_layer_names, layers_from_onnx
 from engines.trt.errors import TensorRTBuildError
 from engines.trt.lib import CudaDevice
 from engines.trt.meta import read_sidecar
-from engines.trt.precision import LayerInfo, fp32_layer_names, layers_from_onnx
 from engines.types import EMBEDDING_DIM
 
 H = EMBEDDING_DIM
@@ -543,7 +543,7 @@ def test_policy_and_autocast_on_an_exported_bert_like_graph(tmp_path: Path) -> N
     fused LayerNormalization, ReduceL2; what the GPU tests build engines from."""
     import torch
 
-    from engines.trt.testing import TinyServingModel, export_tiny_onnx
+    from engines.build.trt.testing import TinyServingModel, export_tiny_onnx
 
     model = onnx.load(str(export_tiny_onnx(tmp_path / "tiny.onnx")))
     ops = {n.name: n.op_type for n in model.graph.node}

@@ -22,10 +22,10 @@ from pathlib import Path
 from indexer import Searcher
 from schemas import encode_event
 from streams.app import es_settings
+from streams.cli.produce import produce
+from streams.cli.search import format_result
 from streams.config import Settings
 from streams.errors import InflowError
-from streams.produce import produce
-from streams.search_cli import format_result
 
 TEXT_QUERY = "great game"
 SIMILAR_QUERY = "I am so happy today, everything is wonderful"
@@ -36,7 +36,7 @@ def _say(message: str) -> None:
 
 
 def _inflow(*args: str, env: dict[str, str] | None = None) -> None:
-    code = subprocess.call([sys.executable, "-m", "streams.cli", *args], env=env)
+    code = subprocess.call([sys.executable, "-m", "streams.cli.main", *args], env=env)
     if code != 0:
         raise InflowError(f"`inflow {' '.join(args)}` failed with exit code {code}")
 
@@ -77,7 +77,7 @@ def _worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[byt
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"],
+            [sys.executable, "-m", "streams.cli.main", "worker"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -133,7 +133,7 @@ async def _report(settings: Settings) -> None:
         _say("\nlabel counts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
         _say(f'\ninflow search "{TEXT_QUERY}" -k 5')
         _say(format_result(await searcher.search_text(TEXT_QUERY, k=5)))
-    from streams.search_cli import embed_query
+    from streams.cli.search import embed_query
 
     vector = embed_query(settings, SIMILAR_QUERY)
     async with Searcher(es_settings(settings), alias=settings.es_alias) as searcher:
@@ -160,7 +160,7 @@ def engine_texts_per_second(settings: Settings, texts: list[str]) -> tuple[float
 
 
 def run_demo(settings: Settings, n: int = 2000) -> int:
-    from engines.data import sample_texts
+    from engines.build.data import sample_texts
 
     _say("== engine")
     _inflow("engine", "ensure")

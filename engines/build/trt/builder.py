@@ -2,14 +2,14 @@
 
 `build_engine` reads top-down: check the arguments -> import tensorrt, find the GPU ->
 choose weak or strong typing -> parse the ONNX graph -> check its I/O -> optimization
-profiles -> precision (FP16 with the FP32 pins of `engines.trt.precision`) -> build ->
+profiles -> precision (FP16 with the FP32 pins of `engines.build.trt.precision`) -> build ->
 write the plan and its JSON sidecar. Every decision is a pure function of this package;
 what remains here is the sequence of library calls.
 
 Typing: TensorRT 10 builds FP16 from a weakly typed network (`BuilderFlag.FP16`, with
 `OBEY_PRECISION_CONSTRAINTS` and per-layer FP32 pins). TensorRT 11 removed those flags;
 there the network is strongly typed and the FP16/FP32 split is written into the ONNX graph
-first (`engines.trt.autocast`). `strongly_typed=None` picks whichever the library supports.
+first (`engines.build.trt.autocast`). `strongly_typed=None` picks whichever the library supports.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from engines.trt.lib import (
     shared_logger,
 )
 from engines.trt.meta import BuildInfo, write_atomic, write_sidecar
-from engines.trt.precision import FLOAT_DTYPES, LayerInfo, fp32_layer_names
+from engines.build.trt.precision import FLOAT_DTYPES, LayerInfo, fp32_layer_names
 from engines.trt.profiles import (
     INPUT_NAMES,
     OUTPUT_NAMES,
@@ -165,7 +165,7 @@ def build_engine(
 
     The engine covers batch 1..max_batch and sequence 1..max_seq (one optimization profile
     per `seq_buckets` bucket). With `fp16`, matrix multiplications run in FP16 and the
-    layers `engines.trt.precision` names, plus `fp32_layers`, stay FP32; an `fp32_layers`
+    layers `engines.build.trt.precision` names, plus `fp32_layers`, stay FP32; an `fp32_layers`
     name that matches no layer is an error. Raises `TensorRTUnavailable` without tensorrt or
     a CUDA device, `TensorRTBuildError` when parsing or building fails, `ValueError` for
     bad arguments.
@@ -198,7 +198,7 @@ def build_engine(
         if strong and fp16:
             import onnx
 
-            from engines.trt.autocast import matmuls_to_fp16
+            from engines.build.trt.autocast import matmuls_to_fp16
 
             model, report = matmuls_to_fp16(onnx.load(str(onnx_path)), keep_fp32=fp32_layers)
             if report.unmatched:

@@ -27,7 +27,7 @@ from engines.modeldir import (
     find_model,
     read_model,
 )
-from engines.parity import ParityReport, Thresholds, compare, fp16_numerics, reference_outputs
+from engines.build.parity import ParityReport, Thresholds, compare, fp16_numerics, reference_outputs
 from engines.registry import ACCEPTED, REJECTED, Manifest, Registry
 
 BACKENDS: dict[str, tuple[str, ...]] = {
@@ -58,14 +58,14 @@ def resolve_model(
     if found is not None:
         return read_model(found)
     echo(f"no trained {DEFAULT_MODEL_NAME} model in {root}: training it (about 2 minutes)")
-    from engines.train import train
+    from engines.build.train import train
 
     return read_model(train("sentiment", frozen=True, out_dir=root, progress=progress, echo=echo))
 
 
 def parity_examples(info: ModelInfo, n: int = DEFAULT_PARITY_TEXTS) -> list[tuple[str, str]]:
     """Held-back validation examples of the dataset the model was trained on."""
-    from engines.data import validation_examples
+    from engines.build.data import validation_examples
 
     source = str(info.meta.get("train", {}).get("source", "sentiment"))
     if source not in ("sentiment", "topic") and not Path(source).exists():
@@ -115,7 +115,7 @@ def _stage_artifacts(
     shutil.copyfile(info.tokenizer_path, staging / TOKENIZER_FILE)
     extra: dict[str, Any] = {}
     if backend == "onnxruntime":
-        from engines.export import INT8_SETTINGS, export_model
+        from engines.build.export import INT8_SETTINGS, export_model
 
         onnx_path = export_model(info, precision, progress=progress, fused=True)
         shutil.copyfile(onnx_path, staging / "model.onnx")
@@ -131,11 +131,11 @@ def _stage_artifacts(
             extra["encoder"] = info.encoder
         return MODEL_JSON, extra
     # tensorrt
-    from engines.export import export_model
+    from engines.build.export import export_model
 
     onnx_path = export_model(info, "fp32", progress=progress)
     try:
-        from engines.trt.builder import build_engine
+        from engines.build.trt.builder import build_engine
     except ImportError as exc:
         raise BackendUnavailable(
             f"the TensorRT builder cannot be imported ({exc}): pip install 'inflow[gpu]' "

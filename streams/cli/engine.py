@@ -37,7 +37,7 @@ def _guard(fn: Handler) -> Handler:
 
 
 def _thresholds(args: argparse.Namespace) -> object:
-    from engines.parity import Thresholds
+    from engines.build.parity import Thresholds
 
     return Thresholds(
         min_agreement=args.min_agreement,
@@ -49,8 +49,8 @@ def _thresholds(args: argparse.Namespace) -> object:
 
 @_guard
 def cmd_build(args: argparse.Namespace) -> int:
-    from engines.build import build
-    from engines.parity import Thresholds
+    from engines.build.parity import Thresholds
+    from engines.build.pipeline import build
 
     th = _thresholds(args)
     assert isinstance(th, Thresholds)
@@ -114,7 +114,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engines.bench import run_bench
+    from engines.build.bench import run_bench
 
     run_bench(
         specs=args.backends,
@@ -132,8 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_ensure(args: argparse.Namespace) -> int:
-    from engines.build import ensure
-    from engines.parity import Thresholds
+    from engines.build.parity import Thresholds
+    from engines.build.pipeline import ensure
 
     th = _thresholds(args)
     assert isinstance(th, Thresholds)
@@ -158,7 +158,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_train(args: argparse.Namespace) -> int:
-    from engines.train import train
+    from engines.build.train import train
 
     path = train(
         dataset=args.dataset,
@@ -285,8 +285,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry: `python -m engines.cli engine list` (the real CLI is `inflow`)."""
-    parser = argparse.ArgumentParser(prog="python -m engines.cli")
+    """Stand-alone entry: `python -m streams.cli.engine engine list` (the real CLI is `inflow`)."""
+    parser = argparse.ArgumentParser(prog="python -m streams.cli.engine")
     parser.add_argument("--registry", type=Path, default=None)
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)

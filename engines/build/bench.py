@@ -147,7 +147,7 @@ def open_spec(spec: str, model: Any, max_batch: int, max_seq: int, threads: int 
     precision = precision or "fp32"
     info = model
     if backend == "onnxruntime":
-        from engines.export import export_model
+        from engines.build.export import export_model
 
         onnx_path = export_model(info, precision, fused=True)
         folder, artifact = onnx_path.parent, onnx_path.name
@@ -187,8 +187,8 @@ def run_bench(
     echo: Callable[[str], None] | None = print,
 ) -> list[BenchRow]:
     """Benchmark engines named 'backend:precision' (from the model folder) or registry versions."""
-    from engines.build import resolve_model
-    from engines.data import sample_texts
+    from engines.build.pipeline import resolve_model
+    from engines.build.data import sample_texts
     from engines.load import load_engine
 
     say = echo or (lambda _m: None)

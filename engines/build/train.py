@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from engines.assets import ENCODER_NAME, encoder_dir, models_dir, set_offline
-from engines.data import (
+from engines.build.data import (
     DEFAULT_SEED,
     Example,
     load_dataset,
@@ -32,8 +32,8 @@ from engines.data import (
     stratified_split,
 )
 from engines.errors import DataError
-from engines.metrics import EvalReport, evaluate
-from engines.model import ServingModel, load_encoder
+from engines.build.metrics import EvalReport, evaluate
+from engines.build.model import ServingModel, load_encoder
 from engines.modeldir import (
     ENCODER_SUBDIR,
     HEAD_FILE,

@@ -6,7 +6,7 @@ typed network runs each layer in the dtype its inputs have. So for those builds 
 itself says which parts are FP16. `matmuls_to_fp16` does the conservative version of
 that: every MatMul/Gemm (nearly all the FLOPs) gets FP16 weights and `Cast` nodes around
 it, and every other node (softmax, layer norm, pooling, L2 norm) keeps computing in FP32,
-the same split `engines.trt.precision` asks of a weakly typed build. Graph inputs and
+the same split `engines.build.trt.precision` asks of a weakly typed build. Graph inputs and
 outputs keep their dtypes. Only the top-level graph is rewritten.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.trt.precision import FP16_MAX
+from engines.build.trt.precision import FP16_MAX
 
 FP16_OPS = frozenset({"MatMul", "Gemm"})
 _PREFIX = "autocast"

@@ -272,7 +272,7 @@ def export_model(
         return out
     say = print if progress else (lambda *_a: None)
     if variant == "fp32":
-        from engines.model import load_serving_model
+        from engines.build.model import load_serving_model
 
         say(f"exporting {info.name} ({info.short_hash}) to ONNX fp32 ...")
         export_module(load_serving_model(info), out)

@@ -209,8 +209,8 @@ def reference_outputs(
     if cache and path.is_file():
         with np.load(path) as data:
             return data["probs"].astype(np.float32), data["embedding"].astype(np.float32)
-    from engines.backends.torch import TorchBackend
-    from engines.model import load_serving_model
+    from engines.build.torch_backend import TorchBackend
+    from engines.build.model import load_serving_model
     from engines.runtime import LoadedEngine
     from engines.tokenize import Tokenizer
     from engines.types import ModelIdentity
@@ -243,7 +243,7 @@ def fp16_numerics(
     `dtype` on CPU (counting NaN/Inf, comparing labels and embeddings with fp32)."""
     import torch
 
-    from engines.model import load_serving_model
+    from engines.build.model import load_serving_model
     from engines.tokenize import Tokenizer
 
     tokenizer = Tokenizer(info.tokenizer_path, max_seq)

@@ -74,7 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from streams.produce import produce_file
+    from streams.cli.produce import produce_file
 
     settings = _settings(args)
     sent = produce_file(settings, args.file, fmt=args.format, topic=args.topic, key=args.key)
@@ -83,7 +83,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from streams.search_cli import run_search
+    from streams.cli.search import run_search
 
     return run_search(
         _settings(args),
@@ -105,13 +105,13 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from streams.cli.demo import run_demo
 
     return run_demo(_settings(args), n=args.n)
 
 
 def cmd_batch_bench(args: argparse.Namespace) -> int:
-    from streams.batch_bench import run_batch_bench
+    from streams.cli.batch_bench import run_batch_bench
 
     return run_batch_bench(
         _settings(args),
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_batch_bench)
 
     try:
-        from engines.cli import add_commands
+        from streams.cli.engine import add_commands
     except ImportError:  # engines CLI not importable: keep the rest of the CLI usable
         pass
     else:

@@ -79,7 +79,7 @@ def run_batch_bench(
     burst: int,
     json_path: Path | None,
 ) -> int:
-    from engines.data import sample_texts
+    from engines.build.data import sample_texts
     from engines.load import load_engine
 
     engine = load_engine(settings.engine_dir, settings.engine_version or None)
