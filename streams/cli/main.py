@@ -35,7 +35,9 @@ def dev_services(settings: Settings) -> Any:
 
 def cmd_dev_up(args: argparse.Namespace) -> int:
     services = dev_services(Settings.load(env={**os.environ}))
-    endpoints = services.up(broker=args.broker, kafka_port=args.kafka_port, es_port=args.es_port)
+    endpoints = services.up(
+        broker=args.broker, kafka_port=args.kafka_port, es_port=args.es_port, search=args.search
+    )
     for line in endpoints.env_lines():
         print(line)
     return 0
@@ -160,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("INFLOW_DEV_BROKER", "auto"),
         help="kafka = genuine Apache Kafka (needs Java+Maven); noida = imitation; auto = "
         "Apache Kafka when Java and Maven exist",
+    )
+    up.add_argument(
+        "--search",
+        choices=("auto", "elasticsearch", "noida"),
+        default=os.environ.get("INFLOW_DEV_SEARCH", "auto"),
+        help="elasticsearch = genuine Elasticsearch 8.15 (needs a JDK+Maven); noida = imitation; "
+        "auto = Elasticsearch when they exist",
     )
     up.add_argument("--kafka-port", type=int, default=0, help="0 picks a free port")
     up.add_argument("--es-port", type=int, default=0, help="0 picks a free port")

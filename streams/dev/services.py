@@ -1,4 +1,6 @@
-"""Local services for development and tests: genuine Apache Kafka (KRaft) and the search server.
+"""Local services for development and tests: genuine Apache Kafka (KRaft) and genuine
+Elasticsearch, both run from Maven Central jars; noida-db is the fallback for either when Java
+or Maven is missing.
 
 Everything binds to 127.0.0.1 on free ports. Each process we start gets a PID file under
 `<state>/pids/` that records what it is, so `down` stops exactly what `up` started (by PID,
@@ -11,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -30,8 +33,12 @@ from pathlib import Path
 from typing import Literal
 
 DEFAULT_KAFKA_VERSION = "4.1.1"
+# The launcher (java/org/elasticsearch/node/InflowNode.java) uses server internals of 8.15.
+DEFAULT_ES_VERSION = "8.15.3"
 LOOPBACK = "127.0.0.1"
 BrokerChoice = Literal["auto", "kafka", "noida"]
+SearchChoice = Literal["auto", "elasticsearch", "noida"]
+JDK_HINT = "install a JDK 17+ and Maven (apt-get install openjdk-17-jdk-headless maven)"
 Progress = Callable[[str], None]
 
 
@@ -43,8 +50,8 @@ class DevError(Exception):
 class ServiceRecord:
     """What a PID file stores about one process we started."""
 
-    name: str  # "kafka" | "search" (one process may serve both when noida runs both sides)
-    kind: str  # "apache-kafka" | "noida-db"
+    name: str  # "kafka" | "search"
+    kind: str  # "apache-kafka" | "elasticsearch" | "noida-db"
     pid: int
     marker: str  # a string unique to our command line, checked before we signal the PID
     address: str  # host:port for Kafka, URL for the search server
@@ -55,9 +62,15 @@ class ServiceRecord:
     def description(self) -> str:
         if self.kind == "apache-kafka":
             return f"Apache Kafka {self.version} (genuine, KRaft)"
+        if self.kind == "elasticsearch":
+            return f"Elasticsearch {self.version} (genuine)"
         if self.name == "kafka":
             return f"noida-db {self.version} (Kafka wire protocol imitation)"
-        return f"noida-db {self.version} (Elasticsearch 8 API)"
+        return f"noida-db {self.version} (Elasticsearch 8 API imitation)"
+
+    @property
+    def genuine(self) -> bool:
+        return self.kind in ("apache-kafka", "elasticsearch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +147,19 @@ def _is_running(pid: int, marker: str) -> bool:
     return state != "Z" and marker in _cmdline(pid)
 
 
+def _exited(pid: int) -> bool:
+    """True once the PID is gone or a zombie. (While a process exits, its /proc cmdline reads
+    empty before its threads are done: the marker check alone would return too early.)"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+    except (OSError, IndexError):
+        return True
+    return state in "ZX"
+
+
 def _stop_pid(pid: int, marker: str, timeout_s: float = 20.0) -> None:
-    """SIGTERM the PID if it still runs our command, wait, then SIGKILL as a last resort."""
+    """SIGTERM the PID if it still runs our command, wait until it has exited, then SIGKILL
+    as a last resort."""
     if not _is_running(pid, marker):
         return
     os.kill(pid, signal.SIGTERM)
@@ -143,13 +167,17 @@ def _stop_pid(pid: int, marker: str, timeout_s: float = 20.0) -> None:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap it when it is our child (tests start it in-process)
-        if not _is_running(pid, marker):
+        if _exited(pid):
             return
         time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    if _is_running(pid, marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+    deadline = time.monotonic() + 10
+    while not _exited(pid) and time.monotonic() < deadline:  # not our child: let it finish
+        time.sleep(0.1)
 
 
 def _spawn(cmd: list[str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
@@ -167,11 +195,14 @@ def _spawn(cmd: list[str], log_path: Path, cwd: Path | None = None) -> subproces
 
 
 def _tail(path: Path, lines: int = 3) -> str:
+    """The last lines of a log, without Java stack frames (the message is above them)."""
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
-    return " | ".join(line.strip() for line in text[-lines:])
+    frame = ("at ", "... ")
+    kept = [line.strip() for line in text if line.strip() and not line.strip().startswith(frame)]
+    return " | ".join(kept[-lines:])
 
 
 # --------------------------------------------------------------------------- readiness probes
@@ -197,6 +228,16 @@ def kafka_ready(bootstrap: str) -> bool:
     try:
         return asyncio.run(asyncio.wait_for(_kafka_metadata(bootstrap), timeout=5)) > 0
     except Exception:
+        return False
+
+
+def elasticsearch_ready(es_url: str) -> bool:
+    """True once `GET /` answers 200 with the product header the official clients check."""
+    try:
+        with urllib.request.urlopen(es_url, timeout=2) as response:
+            product = response.headers.get("X-elastic-product")
+            return bool(response.status == 200 and product == "Elasticsearch")
+    except (OSError, ValueError, urllib.error.URLError):
         return False
 
 
@@ -241,23 +282,49 @@ def kafka_log4j_config() -> Path:
 
 def fetch_kafka_jars(version: str, cache_dir: Path, progress: Progress = _print_progress) -> Path:
     """Genuine Kafka jars from Maven Central, cached in `cache_dir/kafka-<version>/libs`."""
-    libs = cache_dir / f"kafka-{version}" / "libs"
-    if (libs / f"kafka_2.13-{version}.jar").exists():
+    return _fetch_jars(
+        pom=kafka_pom(),
+        version_property=f"-Dkafka.version={version}",
+        libs=cache_dir / f"kafka-{version}" / "libs",
+        main_jar=f"kafka_2.13-{version}.jar",
+        product="Apache Kafka",
+        version=version,
+        fallback="--broker noida",
+        version_hint=f"{version} is a released 4.x version (INFLOW_KAFKA_VERSION)",
+        progress=progress,
+    )
+
+
+def _fetch_jars(
+    *,
+    pom: Path,
+    version_property: str,
+    libs: Path,
+    main_jar: str,
+    product: str,
+    version: str,
+    fallback: str,
+    version_hint: str,
+    progress: Progress,
+) -> Path:
+    """`mvn dependency:copy-dependencies` into a staging folder renamed to `libs` when complete,
+    so an interrupted fetch never leaves a cache that looks whole."""
+    if (libs / main_jar).exists():
         return libs
     mvn = shutil.which("mvn")
     if mvn is None:
         raise DevError(
-            "Maven (mvn) not found: install it (apt-get install maven) to fetch Apache Kafka, "
-            "or run with --broker noida"
+            f"Maven (mvn) not found: install it (apt-get install maven) to fetch {product}, "
+            f"or run with {fallback}"
         )
     staging = libs.parent / f"libs.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True, exist_ok=True)
     log_path = libs.parent / "fetch.log"
     cmd = [
-        mvn, "-B", "-f", str(kafka_pom()), f"-Dkafka.version={version}",
+        mvn, "-B", "-f", str(pom), version_property,
         "dependency:copy-dependencies", f"-DoutputDirectory={staging}",
     ]  # fmt: skip
-    progress(f"fetching Apache Kafka {version} jars from Maven Central (once; cached in {libs})")
+    progress(f"fetching {product} {version} jars from Maven Central (once; cached in {libs})")
     downloaded = 0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -269,12 +336,11 @@ def fetch_kafka_jars(version: str, cache_dir: Path, progress: Progress = _print_
                 if downloaded % 10 == 0:
                     progress(f"  ... {downloaded} artifacts downloaded")
         code = proc.wait()
-    if code != 0 or not (staging / f"kafka_2.13-{version}.jar").exists():
+    if code != 0 or not (staging / main_jar).exists():
         shutil.rmtree(staging, ignore_errors=True)
         raise DevError(
-            f"could not fetch Apache Kafka {version} jars from Maven Central (mvn exit {code}; "
-            f"log: {log_path}): check access to Maven Central and that {version} is a released "
-            f"4.x version (INFLOW_KAFKA_VERSION)"
+            f"could not fetch {product} {version} jars from Maven Central (mvn exit {code}; "
+            f"log: {log_path}): check access to Maven Central and that {version_hint}"
         )
     if libs.exists():  # another process won the race: keep theirs
         shutil.rmtree(staging, ignore_errors=True)
@@ -282,6 +348,82 @@ def fetch_kafka_jars(version: str, cache_dir: Path, progress: Progress = _print_
         staging.rename(libs)
     progress(f"  fetched {sum(1 for _ in libs.glob('*.jar'))} jars")
     return libs
+
+
+# --------------------------------------------------------------------------- Elasticsearch jars
+
+
+def elasticsearch_pom() -> Path:
+    return Path(str(resources.files("streams.dev").joinpath("elasticsearch-pom.xml")))
+
+
+def elasticsearch_launcher_source() -> Path:
+    source = resources.files("streams.dev").joinpath(
+        "java", "org", "elasticsearch", "node", "InflowNode.java"
+    )
+    return Path(str(source))
+
+
+def fetch_elasticsearch_jars(
+    version: str, cache_dir: Path, progress: Progress = _print_progress
+) -> Path:
+    """Genuine Elasticsearch server jars from Maven Central, in
+    `cache_dir/elasticsearch-<version>/libs`."""
+    return _fetch_jars(
+        pom=elasticsearch_pom(),
+        version_property=f"-Des.version={version}",
+        libs=cache_dir / f"elasticsearch-{version}" / "libs",
+        main_jar=f"elasticsearch-{version}.jar",
+        product="Elasticsearch",
+        version=version,
+        fallback="--search noida",
+        version_hint=f"{version} is a released 8.15.x version (INFLOW_ES_VERSION)",
+        progress=progress,
+    )
+
+
+def launcher_classes(version: str, cache_dir: Path) -> Path:
+    """Where the compiled launcher lives: keyed by a hash of its source, so an edit recompiles."""
+    digest = hashlib.sha256(elasticsearch_launcher_source().read_bytes()).hexdigest()[:12]
+    return cache_dir / f"elasticsearch-{version}" / f"launcher-{digest}"
+
+
+def _launcher_compiled(classes: Path) -> bool:
+    return (classes / "org" / "elasticsearch" / "node" / "InflowNode.class").exists()
+
+
+def compile_elasticsearch_launcher(
+    version: str, cache_dir: Path, libs: Path, progress: Progress = _print_progress
+) -> Path:
+    """javac the launcher against the server jars (once per source version), staged and renamed."""
+    classes = launcher_classes(version, cache_dir)
+    if _launcher_compiled(classes):
+        return classes
+    javac = shutil.which("javac")
+    if javac is None:
+        raise DevError(
+            "javac not found: install a JDK 17+ (apt-get install openjdk-17-jdk-headless) to "
+            "build the Elasticsearch launcher, or run with --search noida"
+        )
+    source = elasticsearch_launcher_source()
+    staging = classes.parent / f"{classes.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True, exist_ok=True)
+    progress(f"compiling the Elasticsearch launcher ({source.name}) into {classes}")
+    cmd = [javac, "-nowarn", "-encoding", "UTF-8", "-d", str(staging), "-cp", f"{libs}/*"]
+    result = subprocess.run([*cmd, str(source)], capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not _launcher_compiled(staging):
+        shutil.rmtree(staging, ignore_errors=True)
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        detail = errors[0].strip() if errors else result.stderr.strip()[-300:]
+        raise DevError(
+            f"could not compile the Elasticsearch launcher against {libs} "
+            f"(javac exit {result.returncode}): {detail}"
+        )
+    if classes.exists():  # another process won the race: keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        staging.rename(classes)
+    return classes
 
 
 # --------------------------------------------------------------------------- the services
@@ -296,21 +438,25 @@ class DevServices:
         cache_dir: Path,
         kafka_version: str = DEFAULT_KAFKA_VERSION,
         progress: Progress = _print_progress,
+        es_version: str = DEFAULT_ES_VERSION,
     ) -> None:
         self.state_dir = state_dir
         self.cache_dir = cache_dir
         self.kafka_version = kafka_version
+        self.es_version = es_version
         self.progress = progress
         self.pid_dir = state_dir / "pids"
         self.log_dir = state_dir / "logs"
 
     @classmethod
     def for_state_dir(cls, state_dir: Path) -> DevServices:
-        """The jar cache (INFLOW_CACHE_DIR, default ~/.cache/inflow) and Kafka version
-        (INFLOW_KAFKA_VERSION) from the environment: shared by the CLI, the demo and tests."""
+        """The jar cache (INFLOW_CACHE_DIR, default ~/.cache/inflow), Kafka version
+        (INFLOW_KAFKA_VERSION) and Elasticsearch version (INFLOW_ES_VERSION) from the
+        environment: shared by the CLI, the demo and tests."""
         cache = Path(os.environ.get("INFLOW_CACHE_DIR", Path.home() / ".cache" / "inflow"))
         version = os.environ.get("INFLOW_KAFKA_VERSION", DEFAULT_KAFKA_VERSION)
-        return cls(state_dir, cache, kafka_version=version)
+        es_version = os.environ.get("INFLOW_ES_VERSION", DEFAULT_ES_VERSION)
+        return cls(state_dir, cache, kafka_version=version, es_version=es_version)
 
     @property
     def env_file(self) -> Path:
@@ -341,16 +487,24 @@ class DevServices:
 
     # -- lifecycle
 
-    def up(self, broker: BrokerChoice = "auto", kafka_port: int = 0, es_port: int = 0) -> Endpoints:
+    def up(
+        self,
+        broker: BrokerChoice = "auto",
+        kafka_port: int = 0,
+        es_port: int = 0,
+        search: SearchChoice = "auto",
+    ) -> Endpoints:
         """Idempotent: reuses services that already run from this state folder.
 
-        Everything that can fail cheaply (ports, tools, the jar fetch) is checked before any
-        process starts, and a failed broker start stops the search server this call started.
+        Everything that can fail cheaply (ports, tools, the jar fetches, the launcher's
+        compilation) is checked before any process starts, and a failed broker start stops the
+        search server this call started.
         """
-        search = self.running("search")
+        running_search = self.running("search")
         kafka = self.running("kafka")
         kind = self._broker_kind(broker) if kafka is None else kafka.kind
-        if search is None and es_port:
+        search_kind = self._search_kind(search) if running_search is None else running_search.kind
+        if running_search is None and es_port:
             ensure_port_free(es_port, "the search server")
         if kafka is None and kafka_port:
             ensure_port_free(kafka_port, "the Kafka broker")
@@ -359,9 +513,16 @@ class DevServices:
             if (kafka is None and kind == "apache-kafka")
             else None
         )
-        started_search = search is None
-        if search is None:
-            search = _with_port_retries(self._start_search, es_port)
+        start_search: Callable[[int], ServiceRecord] = self._start_search
+        if running_search is None and search_kind == "elasticsearch":
+            es_libs = fetch_elasticsearch_jars(self.es_version, self.cache_dir, self.progress)
+            classes = compile_elasticsearch_launcher(
+                self.es_version, self.cache_dir, es_libs, self.progress
+            )
+            start_search = functools.partial(
+                self._start_elasticsearch, libs=es_libs, classes=classes
+            )
+        search_record = running_search or _with_port_retries(start_search, es_port)
         try:
             if kafka is None:
                 starter = (
@@ -371,11 +532,11 @@ class DevServices:
                 )
                 kafka = _with_port_retries(starter, kafka_port)
         except BaseException:
-            if started_search:
-                _stop_pid(search.pid, search.marker)
+            if running_search is None:
+                _stop_pid(search_record.pid, search_record.marker)
                 self._record_path("search").unlink(missing_ok=True)
             raise
-        endpoints = Endpoints(kafka.address, search.address, kafka, search)
+        endpoints = Endpoints(kafka.address, search_record.address, kafka, search_record)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.env_file.write_text("\n".join(endpoints.env_lines()) + "\n")
         return endpoints
@@ -389,12 +550,33 @@ class DevServices:
         missing = [tool for tool in needed if shutil.which(tool) is None]
         if not missing:
             return "apache-kafka"
-        hint = "install a JDK 17+ and Maven (apt-get install openjdk-17-jre-headless maven)"
         if broker == "kafka":
-            raise DevError(f"{' and '.join(missing)} not found: {hint}, or use --broker noida")
+            raise DevError(f"{_and(missing)} not found: {JDK_HINT}, or use --broker noida")
         self.progress(
-            f"{' and '.join(missing)} not found, so the broker is noida-db (a Kafka imitation); "
-            f"for genuine Apache Kafka, {hint}"
+            f"{_and(missing)} not found, so the broker is noida-db (a Kafka imitation); "
+            f"for genuine Apache Kafka, {JDK_HINT}"
+        )
+        return "noida-db"
+
+    def _search_kind(self, search: SearchChoice) -> str:
+        """'elasticsearch' or 'noida-db'; auto falls back to noida-db only without the JDK
+        (java, and javac until the launcher is compiled) or Maven (until the jars are cached)."""
+        if search == "noida":
+            return "noida-db"
+        libs = self.cache_dir / f"elasticsearch-{self.es_version}" / "libs"
+        needed = ["java"]
+        if not _launcher_compiled(launcher_classes(self.es_version, self.cache_dir)):
+            needed.append("javac")
+        if not libs.exists():
+            needed.append("mvn")
+        missing = [tool for tool in needed if shutil.which(tool) is None]
+        if not missing:
+            return "elasticsearch"
+        if search == "elasticsearch":
+            raise DevError(f"{_and(missing)} not found: {JDK_HINT}, or use --search noida")
+        self.progress(
+            f"{_and(missing)} not found, so the search server is noida-db (an Elasticsearch 8 API "
+            f"imitation); for genuine Elasticsearch {self.es_version}, {JDK_HINT}"
         )
         return "noida-db"
 
@@ -431,6 +613,40 @@ class DevServices:
         )
         self._save(record)
         self.progress(f"search: {record.description}, ES API {search_version(url)}, pid {proc.pid}")
+        return record
+
+    def _start_elasticsearch(self, port: int, libs: Path, classes: Path) -> ServiceRecord:
+        port = pick_port(port, "the search server")
+        transport_port = free_port()
+        home = self.state_dir / "elasticsearch"
+        config = home / "config"
+        config.mkdir(parents=True, exist_ok=True)
+        (home / "tmp").mkdir(exist_ok=True)
+        # The data folder is kept across down/up: indices survive a restart, as in production.
+        (config / "elasticsearch.yml").write_text(
+            _elasticsearch_yml(home=home, http_port=port, transport_port=transport_port)
+        )
+        (config / "log4j2.properties").write_text(ES_LOG4J2_PROPERTIES)
+        java = shutil.which("java") or "java"
+        heap = os.environ.get("INFLOW_ES_HEAP", "-Xms512m -Xmx1g").split()
+        cmd = [
+            java, *heap, *ES_JVM_OPTIONS, f"-Djava.io.tmpdir={home / 'tmp'}",
+            "-cp", f"{classes}{os.pathsep}{libs}/*", "org.elasticsearch.node.InflowNode", str(home),
+        ]  # fmt: skip
+        log = self.log_dir / "search.log"
+        url = f"http://{LOOPBACK}:{port}"
+        self.progress(f"starting Elasticsearch {self.es_version} on {url}")
+        started = time.monotonic()
+        proc = _spawn(cmd, log)
+        _wait_until(lambda: elasticsearch_ready(url), proc, "Elasticsearch", log, 120)
+        record = ServiceRecord(
+            "search", "elasticsearch", proc.pid, str(home), url, self.es_version, str(log)
+        )
+        self._save(record)
+        self.progress(
+            f"search: {record.description}, pid {proc.pid}, "
+            f"ready in {time.monotonic() - started:.1f}s"
+        )
         return record
 
     def _start_noida_kafka(self, port: int) -> ServiceRecord:
@@ -507,9 +723,62 @@ def _with_port_retries(start: Callable[[int], ServiceRecord], port: int) -> Serv
     raise AssertionError("unreachable")
 
 
+def _and(words: list[str]) -> str:
+    """["a"] -> "a"; ["a", "b"] -> "a and b"; ["a", "b", "c"] -> "a, b and c"."""
+    return " and ".join(filter(None, [", ".join(words[:-1]), words[-1]]))
+
+
 def _kafka_cluster_id() -> str:
     """Kafka's Uuid string form: 16 random bytes, URL-safe base64 without padding."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+# The official distribution's system JVM options that matter for this node (see
+# org.elasticsearch.server.cli.SystemJvmOptions in 8.15); es.distribution.type names the build.
+ES_JVM_OPTIONS = (
+    "-XX:+UseG1GC",
+    "-Xss1m",
+    "-Djava.awt.headless=true",
+    "-Dfile.encoding=UTF-8",
+    "-Djna.nosys=true",
+    "-XX:-OmitStackTraceInFastThrow",
+    "-Dio.netty.noUnsafe=true",
+    "-Dio.netty.noKeySetOptimization=true",
+    "-Dio.netty.recycler.maxCapacityPerThread=0",
+    "-Dlog4j.shutdownHookEnabled=false",
+    "-Dlog4j2.disable.jmx=true",
+    "-Dlog4j2.formatMsgNoLookups=true",
+    "-Des.distribution.type=tar",
+)
+
+# Console only: the process's stdout goes to <state>/logs/search.log.
+ES_LOG4J2_PROPERTIES = """\
+status = error
+appender.console.type = Console
+appender.console.name = console
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d{ISO8601}][%-5p][%-25c{1.}] [%node_name]%marker %m%n
+rootLogger.level = info
+rootLogger.appenderRef.console.ref = console
+logger.deprecation.name = org.elasticsearch.deprecation
+logger.deprecation.level = error
+"""
+
+
+def _elasticsearch_yml(*, home: Path, http_port: int, transport_port: int) -> str:
+    settings = {
+        "cluster.name": "inflow-dev",
+        "node.name": "inflow-dev",
+        "discovery.type": "single-node",
+        "network.host": LOOPBACK,
+        "http.port": str(http_port),
+        "transport.port": str(transport_port),
+        "path.data": str(home / "data"),
+        "path.logs": str(home / "logs"),
+        # A dev disk may be nearly full; the watermarks would turn indices read-only.
+        "cluster.routing.allocation.disk.threshold_enabled": "false",
+    }
+    return "".join(f"{key}: {json.dumps(value)}\n" for key, value in settings.items())
 
 
 def _server_properties(*, port: int, controller_port: int, data_dir: Path) -> str:
