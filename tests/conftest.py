@@ -3,8 +3,14 @@
 Where the broker and search server come from, in order:
 1. INFLOW_KAFKA_BOOTSTRAP / INFLOW_ES_URL when both are set (an external cluster);
 2. testcontainers (apache/kafka, elasticsearch 8) when a Docker engine answers;
-3. the local services of `inflow dev up` (genuine Apache Kafka from Maven Central when Java
-   and Maven exist, noida-db otherwise), in a private state folder, stopped at session end.
+3. the local services of `inflow dev up` (genuine Apache Kafka and genuine Elasticsearch from
+   Maven Central when a JDK and Maven exist, noida-db otherwise), in a private state folder,
+   stopped at session end. INFLOW_TEST_BROKER (auto|kafka|noida) and INFLOW_TEST_SEARCH
+   (auto|elasticsearch|noida) pick them; naming the genuine one makes a missing tool an error.
+
+INFLOW_BROKER_REPORT and INFLOW_SEARCH_REPORT name files that receive, at the end of the
+session, "genuine" or "not-genuine", a tab, and which server served the tests (.ci/run reads
+them).
 """
 
 from __future__ import annotations
@@ -24,10 +30,14 @@ from streams.dev.services import DevServices
 
 @dataclass(frozen=True)
 class TestServices:
+    __test__ = False  # a fixture's value, not a test class (modules import it for type hints)
+
     kafka_bootstrap: str
     es_url: str
     broker: str  # human description, printed in the summary
     genuine_kafka: bool
+    search: str  # human description, printed in the summary
+    genuine_search: bool
 
 
 _SERVED: list[TestServices] = []
@@ -47,7 +57,14 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServices]
     kafka = os.environ.get("INFLOW_KAFKA_BOOTSTRAP")
     es = os.environ.get("INFLOW_ES_URL")
     if kafka and es:
-        served = TestServices(kafka, es, f"external broker at {kafka}", genuine_kafka=False)
+        served = TestServices(
+            kafka,
+            es,
+            f"external broker at {kafka}",
+            genuine_kafka=False,
+            search=f"external search server at {es}",
+            genuine_search=False,
+        )
         _SERVED.append(served)
         yield served
         return
@@ -56,13 +73,16 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServices]
         return
     dev = DevServices.for_state_dir(tmp_path_factory.mktemp("inflow-services"))
     broker = os.environ.get("INFLOW_TEST_BROKER", "auto")
+    search = os.environ.get("INFLOW_TEST_SEARCH", "auto")
     try:
-        endpoints = dev.up(broker=broker)  # type: ignore[arg-type]
+        endpoints = dev.up(broker=broker, search=search)  # type: ignore[arg-type]
         served = TestServices(
             endpoints.kafka_bootstrap,
             endpoints.es_url,
             endpoints.broker.description,
             genuine_kafka=endpoints.broker.kind == "apache-kafka",
+            search=endpoints.search.description,
+            genuine_search=endpoints.search.kind == "elasticsearch",
         )
         _SERVED.append(served)
         yield served
@@ -83,6 +103,8 @@ def _containers() -> Iterator[TestServices]:
             es.get_url(),
             "Apache Kafka 4.1.1 (genuine, KRaft) in a container",
             genuine_kafka=True,
+            search="Elasticsearch 8.15.3 (genuine) in a container",
+            genuine_search=True,
         )
         _SERVED.append(served)
         yield served
@@ -109,10 +131,16 @@ def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
     return make
 
 
+def _report(variable: str, genuine: bool, description: str) -> None:
+    if variable in os.environ:
+        Path(os.environ[variable]).write_text(
+            f"{'genuine' if genuine else 'not-genuine'}\t{description}\n"
+        )
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for served in _SERVED:
         terminalreporter.write_line(f"Kafka tests served by: {served.broker}")
-        if "INFLOW_BROKER_REPORT" in os.environ:
-            Path(os.environ["INFLOW_BROKER_REPORT"]).write_text(
-                f"{'genuine' if served.genuine_kafka else 'not-genuine'}\t{served.broker}\n"
-            )
+        terminalreporter.write_line(f"Search tests served by: {served.search}")
+        _report("INFLOW_BROKER_REPORT", served.genuine_kafka, served.broker)
+        _report("INFLOW_SEARCH_REPORT", served.genuine_search, served.search)
