@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from indexer.mapping import DEFAULT_ALIAS
+from indexer.mapping import DEFAULT_ALIAS, LATENCY_FIELD
+from schemas.codec import parse_rfc3339_ms
 
 # Elasticsearch refuses _id values longer than 512 bytes.
 MAX_ID_BYTES = 512
@@ -63,14 +64,34 @@ class ItemOutcome:
     reason: str | None = None
 
 
+def latency_ms(doc: Mapping[str, Any]) -> int | None:
+    """``processed_ts - event_ts`` in milliseconds, or None when either is missing or not
+    RFC 3339. Negative when the producer's clock runs ahead of the worker's: kept as it is."""
+    event_ts, processed_ts = doc.get("event_ts"), doc.get("processed_ts")
+    if not isinstance(event_ts, str) or not isinstance(processed_ts, str):
+        return None
+    start, end = parse_rfc3339_ms(event_ts), parse_rfc3339_ms(processed_ts)
+    if start is None or end is None:
+        return None
+    return end - start
+
+
 def build_action(doc: Mapping[str, Any], alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
-    """An ``index`` action with ``_id`` = the event id: re-indexing replaces, never duplicates."""
+    """An ``index`` action with ``_id`` = the event id: re-indexing replaces, never duplicates.
+
+    The source is the document plus ``latency_ms`` (see ``latency_ms``) when it can be
+    computed: percentiles need a stored number, since the server runs no scripts.
+    """
     doc_id = doc.get("id")
     if not isinstance(doc_id, str) or not doc_id:
         raise ValueError(f"document has no string 'id' (got {type(doc_id).__name__})")
     if len(doc_id.encode("utf-8")) > MAX_ID_BYTES:
         raise ValueError(f"document id is longer than {MAX_ID_BYTES} bytes")
-    return {"_op_type": "index", "_index": alias, "_id": doc_id, "_source": doc}
+    source: Mapping[str, Any] = doc
+    latency = latency_ms(doc)
+    if latency is not None:
+        source = {**doc, LATENCY_FIELD: latency}
+    return {"_op_type": "index", "_index": alias, "_id": doc_id, "_source": source}
 
 
 def _json_default(value: object) -> Any:

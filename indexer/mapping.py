@@ -16,11 +16,13 @@ from indexer.errors import IndexSetupError
 DEFAULT_ALIAS = "inflow-predictions"
 EMBEDDING_DIMS = 384
 EMBEDDING_FIELD = "embedding"
+# processed_ts - event_ts in ms, derived when indexing (actions.latency_ms): no scripts needed.
+LATENCY_FIELD = "latency_ms"
 MAPPINGS_RESOURCE = "prediction_mappings.json"
 # Above the built-in templates (priority 100 for logs-*-*, metrics-*-*, ...), so a
 # configured alias that happens to overlap one of their patterns still gets ours.
 TEMPLATE_PRIORITY = 500
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2  # 2: latency_ms
 
 # Leaves room for the "-000001" suffix within Elasticsearch's 255-byte name limit.
 _ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")

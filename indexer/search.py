@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,13 +14,22 @@ from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 
 from indexer.client import ClientSlot, EsSettings
 from indexer.errors import IndexRequestError, IndexUnavailable
-from indexer.mapping import DEFAULT_ALIAS, EMBEDDING_DIMS, EMBEDDING_FIELD, validate_alias
+from indexer.mapping import (
+    DEFAULT_ALIAS,
+    EMBEDDING_DIMS,
+    EMBEDDING_FIELD,
+    LATENCY_FIELD,
+    validate_alias,
+)
 
 TimeField = Literal["event_ts", "processed_ts"]
 DateLike = datetime | str
 MAX_RESULT_WINDOW = 10_000  # Elasticsearch's default index.max_result_window and kNN cap
 # Vectors are large and rarely wanted in results; leave them on the server.
 SOURCE_FILTER: dict[str, Any] = {"excludes": [EMBEDDING_FIELD]}
+# date_histogram's fixed_interval units (calendar units such as 1M would need calendar_interval).
+_FIXED_INTERVAL_RE = re.compile(r"^[1-9][0-9]*(ms|s|m|h|d)$")
+DEFAULT_PERCENTS = (50.0, 90.0, 95.0, 99.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +172,53 @@ def build_label_counts_query(
     }
 
 
+def build_time_histogram_query(
+    *,
+    interval: str = "1h",
+    q: str | None = None,
+    filters: Sequence[Mapping[str, Any]] = (),
+    time_field: TimeField = "processed_ts",
+    by_label: bool = False,
+    label_size: int = 100,
+) -> dict[str, Any]:
+    """A search body counting documents per ``interval`` of ``time_field`` (``date_histogram``
+    with a ``fixed_interval`` such as ``"30s"``, ``"5m"``, ``"1h"`` or ``"1d"``, in UTC), empty
+    buckets included between the first and the last, optionally split per label."""
+    if not _FIXED_INTERVAL_RE.fullmatch(interval):
+        raise ValueError(f"interval must be a number and one of ms, s, m, h, d; got {interval!r}")
+    if label_size < 1:
+        raise ValueError(f"label_size must be >= 1, got {label_size}")
+    histogram: dict[str, Any] = {
+        "date_histogram": {"field": time_field, "fixed_interval": interval, "min_doc_count": 0}
+    }
+    if by_label:
+        histogram["aggs"] = {"labels": {"terms": {"field": "label", "size": label_size}}}
+    query = build_text_query(q or "", filters=filters, highlight=False)["query"]
+    return {"size": 0, "query": query, "aggs": {"over_time": histogram}}
+
+
+def build_latency_percentiles_query(
+    *,
+    percents: Sequence[float] = DEFAULT_PERCENTS,
+    q: str | None = None,
+    filters: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """A search body for percentiles of ``latency_ms`` (event time to prediction), plus the
+    number of documents that have one (``value_count``)."""
+    values = [float(p) for p in percents]
+    if not values or not all(0.0 <= p <= 100.0 for p in values):
+        raise ValueError(f"percents must be a non-empty list of numbers in 0..100, got {percents}")
+    query = build_text_query(q or "", filters=filters, highlight=False)["query"]
+    return {
+        "size": 0,
+        "query": query,
+        "aggs": {
+            "latency": {"percentiles": {"field": LATENCY_FIELD, "percents": values}},
+            "with_latency": {"value_count": {"field": LATENCY_FIELD}},
+        },
+    }
+
+
 def build_count_query(filters: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """A ``_count`` body."""
     return {"query": {"bool": {"filter": [dict(f) for f in filters]}}}
@@ -207,6 +264,49 @@ def parse_label_counts(response: Mapping[str, Any]) -> dict[str, int]:
     """``{label: count}``, most frequent first, from a label-counts response body."""
     buckets = response.get("aggregations", {}).get("labels", {}).get("buckets", [])
     return {str(b["key"]): int(b["doc_count"]) for b in buckets}
+
+
+@dataclass(frozen=True, slots=True)
+class TimeBucket:
+    """Documents whose time falls in ``[start, start + interval)``."""
+
+    start: str  # RFC 3339, UTC, e.g. "2024-05-01T12:00:00.000Z"
+    start_ms: int
+    count: int
+    labels: dict[str, int] = field(default_factory=dict)  # only when asked ``by_label``
+
+
+def parse_time_histogram(response: Mapping[str, Any]) -> list[TimeBucket]:
+    """Buckets in time order from a time-histogram response body."""
+    buckets = response.get("aggregations", {}).get("over_time", {}).get("buckets", [])
+    return [
+        TimeBucket(
+            start=str(b.get("key_as_string", b["key"])),
+            start_ms=int(b["key"]),
+            count=int(b["doc_count"]),
+            labels=parse_label_counts({"aggregations": b}),
+        )
+        for b in buckets
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyPercentiles:
+    """Percentiles of ``latency_ms`` over ``count`` documents (values None when count is 0).
+    The server estimates them (TDigest): close to exact on small sets, approximate on large."""
+
+    count: int
+    values_ms: dict[float, float | None]
+
+
+def parse_latency_percentiles(response: Mapping[str, Any]) -> LatencyPercentiles:
+    aggregations = response.get("aggregations", {})
+    values = aggregations.get("latency", {}).get("values", {})
+    count = aggregations.get("with_latency", {}).get("value", 0)
+    return LatencyPercentiles(
+        count=int(count or 0),
+        values_ms={float(k): None if v is None else float(v) for k, v in values.items()},
+    )
 
 
 class Searcher:
@@ -301,6 +401,54 @@ class Searcher:
         )
         body = build_label_counts_query(q=q, filters=filters, size=size)
         return parse_label_counts(await self._search(body))
+
+    async def time_histogram(
+        self,
+        *,
+        interval: str = "1h",
+        q: str | None = None,
+        label: str | Sequence[str] | None = None,
+        model_version: str | None = None,
+        since: DateLike | None = None,
+        until: DateLike | None = None,
+        time_field: TimeField = "processed_ts",
+        by_label: bool = False,
+    ) -> list[TimeBucket]:
+        """Documents per ``interval`` (e.g. ``"1m"``, ``"1h"``, ``"1d"``) of ``time_field``."""
+        filters = build_filters(
+            label=label,
+            model_version=model_version,
+            since=since,
+            until=until,
+            time_field=time_field,
+        )
+        body = build_time_histogram_query(
+            interval=interval, q=q, filters=filters, time_field=time_field, by_label=by_label
+        )
+        return parse_time_histogram(await self._search(body))
+
+    async def latency_percentiles(
+        self,
+        *,
+        percents: Sequence[float] = DEFAULT_PERCENTS,
+        q: str | None = None,
+        label: str | Sequence[str] | None = None,
+        model_version: str | None = None,
+        since: DateLike | None = None,
+        until: DateLike | None = None,
+        time_field: TimeField = "processed_ts",
+    ) -> LatencyPercentiles:
+        """Percentiles of the event-to-prediction latency of the matching documents (those
+        with an ``event_ts``)."""
+        filters = build_filters(
+            label=label,
+            model_version=model_version,
+            since=since,
+            until=until,
+            time_field=time_field,
+        )
+        body = build_latency_percentiles_query(percents=percents, q=q, filters=filters)
+        return parse_latency_percentiles(await self._search(body))
 
     async def count(
         self,

@@ -20,6 +20,7 @@ from indexer.actions import (
     build_action,
     chunk_actions,
     encode_action,
+    latency_ms,
     parse_bulk_response,
 )
 from indexer.bulk import BulkWriter, RetryPolicy
@@ -37,9 +38,13 @@ from indexer.search import (
     build_filters,
     build_knn_query,
     build_label_counts_query,
+    build_latency_percentiles_query,
     build_text_query,
+    build_time_histogram_query,
     parse_label_counts,
+    parse_latency_percentiles,
     parse_search_response,
+    parse_time_histogram,
 )
 
 # -- helpers -------------------------------------------------------------------------------
@@ -133,6 +138,21 @@ def test_action_id_is_the_event_id_and_encodes_to_two_lines() -> None:
     assert json.loads(header) == {"index": {"_index": "my-alias", "_id": "ev-7"}}
     assert json.loads(source)["label"] == "positive"
     assert tail == b""
+
+
+def test_latency_is_derived_when_both_times_are_known() -> None:
+    doc = prediction(1, event_ts="2024-05-01T11:59:58.750Z")
+    action = build_action(doc)
+    assert action["_source"]["latency_ms"] == 1250
+    assert "latency_ms" not in doc  # the caller's document is left as it is
+    assert json.loads(encode_action(action).split(b"\n")[1])["latency_ms"] == 1250
+    assert "latency_ms" not in build_action(prediction(2))["_source"]  # event_ts is null
+    assert latency_ms({"event_ts": "yesterday", "processed_ts": "2024-05-01T12:00:00Z"}) is None
+    # A producer clock ahead of the worker's shows as a negative latency, not as zero.
+    assert (
+        latency_ms({"event_ts": "2024-05-01T12:00:01Z", "processed_ts": "2024-05-01T12:00:00Z"})
+        == -1000
+    )
 
 
 def test_read_only_mappings_encode_like_dicts() -> None:
@@ -318,6 +338,81 @@ def test_label_counts_and_count_queries() -> None:
     assert body["aggs"] == {"labels": {"terms": {"field": "label", "size": 7}}}
     assert body["query"]["bool"]["filter"] == [{"term": {"model.version": "1"}}]
     assert build_count_query() == {"query": {"bool": {"filter": []}}}
+
+
+def test_time_histogram_query_uses_a_fixed_interval_and_keeps_empty_buckets() -> None:
+    body = build_time_histogram_query(
+        interval="5m", filters=build_filters(label="negative"), time_field="event_ts", by_label=True
+    )
+    assert body["size"] == 0
+    histogram = body["aggs"]["over_time"]
+    assert histogram["date_histogram"] == {
+        "field": "event_ts",
+        "fixed_interval": "5m",
+        "min_doc_count": 0,
+    }
+    assert histogram["aggs"] == {"labels": {"terms": {"field": "label", "size": 100}}}
+    assert body["query"]["bool"]["filter"] == [{"term": {"label": "negative"}}]
+    assert "aggs" not in build_time_histogram_query()["aggs"]["over_time"]
+
+
+@pytest.mark.parametrize("interval", ["", "1", "0h", "1M", "1y", "h", "1 h", "-1h"])
+def test_calendar_or_malformed_intervals_are_refused(interval: str) -> None:
+    with pytest.raises(ValueError, match="interval"):
+        build_time_histogram_query(interval=interval)
+
+
+def test_time_histogram_response_parses_into_buckets() -> None:
+    response = {
+        "aggregations": {
+            "over_time": {
+                "buckets": [
+                    {
+                        "key": 1714521600000,
+                        "key_as_string": "2024-05-01T00:00:00.000Z",
+                        "doc_count": 3,
+                        "labels": {"buckets": [{"key": "positive", "doc_count": 3}]},
+                    },
+                    {
+                        "key": 1714608000000,
+                        "key_as_string": "2024-05-02T00:00:00.000Z",
+                        "doc_count": 0,
+                    },
+                ]
+            }
+        }
+    }
+    first, empty = parse_time_histogram(response)
+    assert (first.start, first.start_ms, first.count) == (
+        "2024-05-01T00:00:00.000Z",
+        1714521600000,
+        3,
+    )
+    assert first.labels == {"positive": 3}
+    assert (empty.count, empty.labels) == (0, {})
+    assert parse_time_histogram({}) == []
+
+
+def test_latency_percentiles_query_and_response() -> None:
+    body = build_latency_percentiles_query(percents=[50, 99.9])
+    assert body["aggs"]["latency"] == {
+        "percentiles": {"field": "latency_ms", "percents": [50.0, 99.9]}
+    }
+    assert body["aggs"]["with_latency"] == {"value_count": {"field": "latency_ms"}}
+    with pytest.raises(ValueError, match="percents"):
+        build_latency_percentiles_query(percents=[])
+    with pytest.raises(ValueError, match="percents"):
+        build_latency_percentiles_query(percents=[101])
+    parsed = parse_latency_percentiles(
+        {
+            "aggregations": {
+                "latency": {"values": {"50.0": 120.0, "99.9": None}},
+                "with_latency": {"value": 7},
+            }
+        }
+    )
+    assert parsed.count == 7
+    assert parsed.values_ms == {50.0: 120.0, 99.9: None}
 
 
 def test_search_response_parses_into_hits() -> None:
