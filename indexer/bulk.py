@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self, cast
+from typing import Any, Literal, Protocol, Self, cast
 
 from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 
@@ -78,6 +79,18 @@ class BulkOutcome:
     rejected: list[Rejected] = field(default_factory=list)
 
 
+class BulkObserver(Protocol):
+    """Told about every bulk request and retry (for metrics); must not raise or block."""
+
+    def on_bulk_request(self, seconds: float) -> None:
+        """One bulk HTTP request ended (answered or failed) after `seconds`."""
+        ...
+
+    def on_bulk_retry(self, pending: int) -> None:
+        """A round failed for `pending` documents; after the backoff they are sent again now."""
+        ...
+
+
 class _RetriableRequest(Exception):
     """A whole bulk request failed in a way that may pass on a later attempt."""
 
@@ -101,6 +114,7 @@ class BulkWriter:
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         ensure: bool = True,
         rng: random.Random | None = None,
+        observer: BulkObserver | None = None,
     ) -> None:
         if max_chunk_docs < 1 or max_chunk_bytes < 1:
             raise ValueError("max_chunk_docs and max_chunk_bytes must be >= 1")
@@ -112,6 +126,7 @@ class BulkWriter:
         self._max_bytes = max_chunk_bytes
         self._ensure = ensure
         self._rng = rng or random.Random()
+        self._observer = observer
 
     @property
     def alias(self) -> str:
@@ -178,6 +193,8 @@ class BulkWriter:
             if pending:
                 failures += 1
                 await self._after_failure("bulk", failures, error, pending)
+                if self._observer is not None:
+                    self._observer.on_bulk_retry(len(pending))
         return BulkOutcome(
             indexed_ids=[indexed[p] for p in sorted(indexed)],
             rejected=[rejected[p] for p in sorted(rejected)],
@@ -226,6 +243,7 @@ class BulkWriter:
         kwargs: dict[str, Any] = {"require_alias": True}
         if self._refresh is not None:
             kwargs["refresh"] = self._refresh
+        started = time.perf_counter()
         try:
             response = await es.bulk(operations=operations, **kwargs)
         except TransportError as exc:  # connection refused/reset, timeout, TLS
@@ -235,6 +253,9 @@ class BulkWriter:
             if status == 429 or status >= 500:
                 raise _RetriableRequest(f"HTTP {status}: {exc}") from exc
             raise IndexRequestError(f"bulk refused: HTTP {status}: {exc}", status=status) from exc
+        finally:
+            if self._observer is not None:
+                self._observer.on_bulk_request(time.perf_counter() - started)
         try:
             return parse_bulk_response(response.body, len(chunk))
         except (ValueError, AttributeError, TypeError) as exc:  # a broken reply confirms nothing

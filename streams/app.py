@@ -127,7 +127,7 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
     )
     # One client for the writer and the searcher; the index is ensured at start (below).
     es = es_settings(settings).make_client()
-    writer = BulkWriter(client=es, alias=settings.es_alias, ensure=False)
+    writer = BulkWriter(client=es, alias=settings.es_alias, ensure=False, observer=metrics)
     index_stage = IndexStage(writer, publisher, settings.predictions_dlq_topic, metrics)
     index_buffer = IndexBuffer(index_stage, settings.index_batch_size, settings.index_max_wait_ms)
     searcher = Searcher(client=es, alias=settings.es_alias)
@@ -217,8 +217,14 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
 
 
 def input_record(event: Any) -> InputRecord:
-    """The raw record of a Faust event (original key and value bytes) and its ack."""
+    """The raw record of a Faust event (original key and value bytes, Kafka timestamp), its ack."""
     message = event.message
     return InputRecord(
-        message.topic, message.partition, message.offset, message.key, message.value, event.ack
+        message.topic,
+        message.partition,
+        message.offset,
+        message.key,
+        message.value,
+        event.ack,
+        timestamp=message.timestamp,
     )

@@ -77,7 +77,7 @@ class IndexStage:
             await self._publisher.publish(self._dlq_topic, record.key, value, headers)
 
         await retry_forever(send, what=f"publish to {self._dlq_topic}")
-        self._metrics.dead_letters.inc(code=error.code)
+        self._metrics.dead_letters.labels(code=error.code).inc()
 
 
 class IndexBuffer:

@@ -52,6 +52,7 @@ class InputRecord:
     key: bytes | None
     value: bytes | None
     ack: Callable[[], object]
+    timestamp: float | None = None  # the record's Kafka timestamp, seconds since the epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +123,9 @@ class InferStage:
         prediction = build_prediction(record, event, result)
         value = encode_prediction(prediction)
         await self._send(self._topics.predictions, event.id.encode(), value, None)
-        self._metrics.predictions.inc(label=prediction.label)
+        self._metrics.predictions.labels(label=prediction.label).inc()
         self._metrics.queue_ms.observe(result.queue_ms)
+        self._metrics.observe_published(event.ts_ms, record.timestamp)
 
     async def _dead_letter(self, record: InputRecord, error: DecodeError, stage: Stage) -> None:
         headers = dead_letter_headers(
@@ -135,7 +137,7 @@ class InferStage:
         )
         # The value stays the original bytes (b"" for a tombstone, which has none).
         await self._send(self._topics.dead_letters, record.key, record.value or b"", headers)
-        self._metrics.dead_letters.inc(code=error.code)
+        self._metrics.dead_letters.labels(code=error.code).inc()
         log.info(
             "dead letter %s:%d:%d %s: %s",
             record.topic,

@@ -1,120 +1,230 @@
-"""Counters and histograms, exposed in the Prometheus text format at GET /metrics."""
+"""The worker's Prometheus metrics (prometheus_client), in one registry per app, served at /metrics.
+
+One `CollectorRegistry` per `Metrics` (never the process-global one), so tests can build
+several apps in one process. Names, types and labels are listed in `README.md` and used by
+`deploy/grafana/inflow-dashboard.json` and `deploy/prometheus/alerts.yml`.
+"""
 
 from __future__ import annotations
 
-import bisect
-import threading
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from engines.types import ModelIdentity
+from schemas import ErrorCode
+from streams.lag import LagSample
+
+# No `*_created` series beside every counter and histogram: nothing here reads them.
+disable_created_metrics()
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# End to end: from milliseconds on an idle worker to minutes behind a backlog.
+E2E_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BULK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-@dataclass
-class Counter:
-    name: str
-    help: str
-    label: str = ""
-    values: dict[str, float] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+class _LagCollector(Collector):
+    """Consumer lag and idle time per assigned partition, from the latest lag sample.
 
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = labels.get(self.label, "") if self.label else ""
-        with self._lock:
-            self.values[key] = self.values.get(key, 0.0) + amount
+    Read at scrape time, so partitions this worker lost disappear with the next sample; a
+    sample older than `max_age_s` (the broker stopped answering) is not shown as current.
+    """
 
-    @property
-    def total(self) -> float:
-        return sum(self.values.values())
+    def __init__(self, latest: Callable[[], LagSample | None], max_age_s: float) -> None:
+        self._latest = latest
+        self._max_age_s = max_age_s
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
-        if not self.values:
-            lines.append(f"{self.name} 0")
-        for key, value in sorted(self.values.items()):
-            labels = f'{{{self.label}="{key}"}}' if self.label else ""
-            lines.append(f"{self.name}{labels} {value:g}")
-        return lines
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
 
+    def collect(self) -> Iterator[Metric]:
+        sample = self._latest()
+        lag, idle = self._families()
+        if sample is not None and time.monotonic() - sample.taken_at <= self._max_age_s:
+            for p in sorted(sample.partitions.values(), key=lambda p: (p.topic, p.partition)):
+                labels = [p.topic, str(p.partition)]
+                lag.add_metric(labels, p.lag)
+                idle.add_metric(labels, p.idle_s)
+        yield lag
+        yield idle
 
-@dataclass
-class Histogram:
-    name: str
-    help: str
-    buckets: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.count += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        running = 0
-        for bound, n in zip(self.buckets, self.counts, strict=False):
-            running += n
-            lines.append(f'{self.name}_bucket{{le="{bound:g}"}} {running}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{self.name}_sum {self.total:g}")
-        lines.append(f"{self.name}_count {self.count}")
-        return lines
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        labels = ["topic", "partition"]
+        return (
+            GaugeMetricFamily(
+                "inflow_consumer_lag",
+                "Records not yet processed: log-end offset minus the group's committed offset",
+                labels=labels,
+            ),
+            GaugeMetricFamily(
+                "inflow_consumer_stalled_seconds",
+                "Seconds since a lagging partition last advanced (0 when caught up)",
+                labels=labels,
+            ),
+        )
 
 
-@dataclass
+class _EngineCollector(Collector):
+    """`inflow_engine_info{model,version,backend,precision} 1` for the engine serving now, read
+    at scrape time, so a swap shows at the next scrape (nothing while no engine is loaded)."""
+
+    def __init__(self, identity: Callable[[], ModelIdentity | None]) -> None:
+        self._identity = identity
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        identity = self._identity()
+        if identity is not None:
+            family.add_metric(
+                [],
+                {
+                    "model": identity.name,
+                    "version": identity.version,
+                    "backend": identity.backend,
+                    "precision": identity.precision,
+                },
+            )
+        yield family
+
+    @staticmethod
+    def _family() -> InfoMetricFamily:
+        return InfoMetricFamily("inflow_engine", "The engine serving now")
+
+
 class Metrics:
-    events_in: Counter = field(
-        default_factory=lambda: Counter("inflow_events_consumed_total", "Input records taken")
-    )
-    predictions: Counter = field(
-        default_factory=lambda: Counter(
-            "inflow_predictions_total", "Predictions published", "label"
+    """Every metric of one worker, registered in `self.registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_in = Counter("inflow_events_consumed", "Input records taken", registry=r)
+        self.predictions = Counter(
+            "inflow_predictions", "Predictions published", ["label"], registry=r
         )
-    )
-    dead_letters: Counter = field(
-        default_factory=lambda: Counter(
-            "inflow_dead_letters_total", "Records dead-lettered", "code"
+        self.dead_letters = Counter(
+            "inflow_dead_letters", "Records dead-lettered", ["code"], registry=r
         )
-    )
-    publish_retries: Counter = field(
-        default_factory=lambda: Counter("inflow_publish_retries_total", "Publish retries")
-    )
-    indexed: Counter = field(
-        default_factory=lambda: Counter("inflow_documents_indexed_total", "Documents indexed")
-    )
-    index_rejected: Counter = field(
-        default_factory=lambda: Counter(
-            "inflow_documents_rejected_total", "Documents rejected by the index for good"
+        for code in ErrorCode:  # every code present from the start, at 0
+            self.dead_letters.labels(code=code.value)
+        self.publish_retries = Counter("inflow_publish_retries", "Publish retries", registry=r)
+        self.indexed = Counter("inflow_documents_indexed", "Documents indexed", registry=r)
+        self.index_rejected = Counter(
+            "inflow_documents_rejected", "Documents rejected by the index for good", registry=r
         )
-    )
-    engine_swaps: Counter = field(
-        default_factory=lambda: Counter("inflow_engine_swaps_total", "Engine versions activated")
-    )
-    queue_ms: Histogram = field(
-        default_factory=lambda: Histogram(
-            "inflow_queue_ms", "Time from batch queue to inference start", LATENCY_BUCKETS_MS
+        self.engine_swaps = Counter("inflow_engine_swaps", "Engine versions activated", registry=r)
+        self.engine_swap_failures = Counter(
+            "inflow_engine_swap_failures",
+            "Engine versions that failed to load; the previous one keeps serving",
+            registry=r,
         )
-    )
-    infer_ms: Histogram = field(
-        default_factory=lambda: Histogram(
-            "inflow_batch_infer_ms", "Engine time of the batch", LATENCY_BUCKETS_MS
+        self.queue_ms = Histogram(
+            "inflow_queue_ms",
+            "Time from batch queue to inference start (ms)",
+            buckets=LATENCY_BUCKETS_MS,
+            registry=r,
         )
-    )
-    batch_size: Histogram = field(
-        default_factory=lambda: Histogram("inflow_batch_size", "Texts per batch", BATCH_BUCKETS)
-    )
+        self.infer_ms = Histogram(
+            "inflow_batch_infer_ms",
+            "Engine time of the batch (ms)",
+            buckets=LATENCY_BUCKETS_MS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "inflow_batch_size", "Texts per batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.event_to_published = Histogram(
+            "inflow_event_to_published_seconds",
+            "From the event's own time (its ts field) to its prediction acknowledged by Kafka",
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.produced_to_published = Histogram(
+            "inflow_produced_to_published_seconds",
+            "From the input record's Kafka timestamp to its prediction acknowledged by Kafka",
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.es_bulk_seconds = Histogram(
+            "inflow_es_bulk_seconds",
+            "Duration of one Elasticsearch bulk request (successful or not)",
+            buckets=BULK_BUCKETS_S,
+            registry=r,
+        )
+        self.es_bulk_retries = Counter(
+            "inflow_es_bulk_retries",
+            "Bulk rounds retried after a failed request or retriable item errors",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "inflow_ready", "1 when the worker is ready to serve, else 0", registry=r
+        )
+
+    # ---------------------------------------------------------------------- updates
 
     def observe_batch(self, size: int, infer_ms: float) -> None:
         self.batch_size.observe(size)
         self.infer_ms.observe(infer_ms)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in vars(self).values():
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def observe_published(
+        self, event_ts_ms: int | None, record_ts_s: float | None, now_s: float | None = None
+    ) -> None:
+        """A prediction was acknowledged: observe its end-to-end latencies (clamped at 0 for
+        clock skew between producers and this worker)."""
+        now = time.time() if now_s is None else now_s
+        if event_ts_ms is not None:
+            self.event_to_published.observe(max(0.0, now - event_ts_ms / 1000))
+        if record_ts_s is not None and record_ts_s > 0:
+            self.produced_to_published.observe(max(0.0, now - record_ts_s))
+
+    def watch_engine(self, identity: Callable[[], ModelIdentity | None]) -> None:
+        """Expose `inflow_engine_info` from `identity()` (`Batcher.identity`) at every scrape."""
+        self.registry.register(_EngineCollector(identity))
+
+    def set_ready(self, ready: bool) -> None:
+        """For the health code: 1 while the worker is ready, 0 otherwise."""
+        self.ready.set(1 if ready else 0)
+
+    def watch_lag(self, latest: Callable[[], LagSample | None], max_age_s: float) -> None:
+        """Expose consumer lag from `latest()` (e.g. `ConsumerLag.last`) at every scrape."""
+        self.registry.register(_LagCollector(latest, max_age_s))
+
+    # indexer.BulkObserver: the bulk writer reports through these, knowing nothing of us.
+    def on_bulk_request(self, seconds: float) -> None:
+        self.es_bulk_seconds.observe(seconds)
+
+    def on_bulk_retry(self, pending: int) -> None:
+        self.es_bulk_retries.inc()
+
+    # ---------------------------------------------------------------------- reading
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (content type `CONTENT_TYPE_LATEST`)."""
+        return generate_latest(self.registry)
+
+    def total(self, sample_name: str) -> float:
+        """Sum of every sample called `sample_name` over all label values (tests, CLI)."""
+        return sum(
+            sample.value
+            for family in self.registry.collect()
+            for sample in family.samples
+            if sample.name == sample_name
+        )

@@ -9,6 +9,7 @@ import faust
 from faust.web import Request, Response, View
 
 from indexer import IndexerError, SearchResult
+from streams.metrics import CONTENT_TYPE_LATEST
 
 
 def _result_json(result: SearchResult) -> dict[str, Any]:
@@ -55,7 +56,8 @@ def register_views(app: faust.App, state: dict[str, Any]) -> None:
 
     @app.page("/metrics")
     async def prometheus(web: View, request: Request) -> Response:
-        return web.text(metrics.render(), content_type="text/plain; version=0.0.4")
+        # The header carries a charset, which aiohttp refuses in `content_type=`.
+        return web.bytes(metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @app.page("/search")
     async def search(web: View, request: Request) -> Response:

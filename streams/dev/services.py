@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -194,15 +195,32 @@ def _spawn(cmd: list[str], log_path: Path, cwd: Path | None = None) -> subproces
         )
 
 
+_STACK_FRAME = re.compile(r"(^|\] )\s*(at |\.\.\. \d+ more)")
+
+
 def _tail(path: Path, lines: int = 3) -> str:
     """The last lines of a log, without Java stack frames (the message is above them)."""
     try:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
-    frame = ("at ", "... ")
-    kept = [line.strip() for line in text if line.strip() and not line.strip().startswith(frame)]
+    kept = [line.strip() for line in text if line.strip() and not _STACK_FRAME.search(line)]
     return " | ".join(kept[-lines:])
+
+
+ES_FAILURE_MARKER = "Inflow node failed to start:"  # see InflowNode.java
+
+
+def _elasticsearch_failure(path: Path) -> str:
+    """The launcher's one-line reason when it logged one, else the log's tail."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    reasons = [line for line in text.splitlines() if ES_FAILURE_MARKER in line]
+    if reasons:
+        return reasons[-1].split(ES_FAILURE_MARKER, 1)[1].strip()
+    return _tail(path)
 
 
 # --------------------------------------------------------------------------- readiness probes
@@ -251,12 +269,17 @@ def search_version(es_url: str) -> str | None:
 
 
 def _wait_until(
-    ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float
+    ready: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    what: str,
+    log: Path,
+    timeout_s: float,
+    reason: Callable[[Path], str] = _tail,
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DevError(f"{what} exited with code {proc.returncode} at start-up: {_tail(log)}")
+            raise DevError(f"{what} exited with code {proc.returncode} at start-up: {reason(log)}")
         if ready():
             return
         time.sleep(0.3)
@@ -638,7 +661,8 @@ class DevServices:
         self.progress(f"starting Elasticsearch {self.es_version} on {url}")
         started = time.monotonic()
         proc = _spawn(cmd, log)
-        _wait_until(lambda: elasticsearch_ready(url), proc, "Elasticsearch", log, 120)
+        ready = functools.partial(elasticsearch_ready, url)
+        _wait_until(ready, proc, "Elasticsearch", log, 120, reason=_elasticsearch_failure)
         record = ServiceRecord(
             "search", "elasticsearch", proc.pid, str(home), url, self.es_version, str(log)
         )

@@ -507,6 +507,30 @@ async def test_exhausted_attempts_raise_index_unavailable() -> None:
     assert "es_rejected_execution_exception" in str(caught.value)
 
 
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.requests: list[float] = []
+        self.retries: list[int] = []
+
+    def on_bulk_request(self, seconds: float) -> None:
+        self.requests.append(seconds)
+
+    def on_bulk_retry(self, pending: int) -> None:
+        self.retries.append(pending)
+
+
+async def test_the_observer_hears_every_request_and_every_retried_round() -> None:
+    client = FakeClient([api_error(429), {"ev-1": 429}])
+    seen = RecordingObserver()
+    async with fast_writer(client, max_chunk_docs=2, observer=seen) as writer:
+        outcome = await writer.bulk_index([prediction(i) for i in range(4)])
+    assert outcome.indexed_ids == [f"ev-{i}" for i in range(4)]
+    # Round 1: one failed request, all 4 pending. Round 2: two requests, ev-1 pending again.
+    assert len(seen.requests) == len(client.calls) == 4
+    assert all(0 <= seconds < 5 for seconds in seen.requests)
+    assert seen.retries == [4, 1]
+
+
 async def test_non_retriable_request_errors_raise_at_once() -> None:
     client = FakeClient([api_error(401, "security_exception")])
     async with fast_writer(client) as writer:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 
 from schemas import Prediction, decode_prediction, encode_event, parse_dead_letter_headers
 from streams.batcher import Batcher, BatchPolicy
@@ -82,7 +84,11 @@ async def test_each_record_ends_as_one_prediction_or_one_dead_letter() -> None:
     assert offsets == list(range(20, 26))
     assert [key for _, key, _, _ in dead] == [f"k{o}".encode() for o in range(20, 26)]
     assert sorted(acks.offsets) == list(range(26))  # every record acked exactly once
-    assert metrics.dead_letters.total == 6 and metrics.predictions.total == 20
+    assert metrics.total("inflow_dead_letters_total") == 6
+    assert metrics.total("inflow_predictions_total") == 20
+    dead_by_code = metrics.registry.get_sample_value
+    assert dead_by_code("inflow_dead_letters_total", {"code": "empty_value"}) == 2
+    assert dead_by_code("inflow_dead_letters_total", {"code": "invalid_json"}) == 1
 
 
 async def test_ack_waits_for_the_broker_and_publishing_is_retried() -> None:
@@ -90,7 +96,29 @@ async def test_ack_waits_for_the_broker_and_publishing_is_retried() -> None:
     acks, metrics = await _run_infer([encode_event("hello", id="only")], publisher)
     assert acks.offsets == [0]
     assert len(publisher.on("preds")) == 1
-    assert metrics.publish_retries.total == 2
+    assert metrics.total("inflow_publish_retries_total") == 2
+
+
+async def test_end_to_end_latency_is_observed_from_event_time_and_record_time() -> None:
+    now_ms = int(time.time() * 1000)
+    metrics = Metrics()
+    batcher = Batcher(FakeEngine(), BatchPolicy(8, 10_000, 5))
+    stage = InferStage(batcher, FakePublisher(), TOPICS, metrics, max_in_flight=16)
+    await batcher.start()
+    acks = Acks()
+    with_ts = encode_event("has an event time", id="a", ts=now_ms - 3_000)
+    without_ts = encode_event("no event time", id="b")
+    for offset, value in enumerate([with_ts, without_ts]):
+        record = acks.record(offset, value)
+        await stage.handle(dataclasses.replace(record, timestamp=now_ms / 1000 - 1.0))
+    await stage.drain()
+    await batcher.stop()
+    sample = metrics.registry.get_sample_value
+    # Only the event that carries a ts has an event-time latency; both have a record time.
+    assert sample("inflow_event_to_published_seconds_count") == 1
+    assert 3.0 <= (sample("inflow_event_to_published_seconds_sum") or 0) < 60
+    assert sample("inflow_produced_to_published_seconds_count") == 2
+    assert 2.0 <= (sample("inflow_produced_to_published_seconds_sum") or 0) < 120
 
 
 async def test_engine_failure_dead_letters_only_the_poison_text() -> None:
@@ -116,7 +144,8 @@ async def test_index_stage_indexes_dead_letters_rejects_and_acks_all() -> None:
     values = await _predictions(6)
     writer = FakeWriter(reject_labels=["neutral"])
     publisher = FakePublisher()
-    stage = IndexStage(writer, publisher, "preds.dlq", Metrics())
+    metrics = Metrics()
+    stage = IndexStage(writer, publisher, "preds.dlq", metrics)
     acks = Acks()
     records = [acks.record(i, value) for i, value in enumerate(values)]
     records.append(acks.record(99, b"garbage"))
@@ -128,6 +157,9 @@ async def test_index_stage_indexes_dead_letters_rejects_and_acks_all() -> None:
     assert codes == ["index_rejected"] * 6 + ["invalid_prediction"]
     assert {value for _, _, value, _ in dead} == {*values, b"garbage"}
     assert sorted(acks.offsets) == [0, 1, 2, 3, 4, 5, 99]
+    assert metrics.total("inflow_documents_rejected_total") == 6
+    assert metrics.total("inflow_documents_indexed_total") == 0
+    assert metrics.total("inflow_dead_letters_total") == 7
 
 
 async def test_index_stage_retries_until_the_index_accepts_then_acks() -> None:

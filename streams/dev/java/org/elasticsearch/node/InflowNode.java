@@ -32,6 +32,7 @@ import org.elasticsearch.common.settings.ClusterSettings;
 import org.elasticsearch.common.settings.IndexScopedSettings;
 import org.elasticsearch.common.settings.Settings;
 import org.elasticsearch.common.settings.SettingsFilter;
+import org.elasticsearch.core.IOUtils;
 import org.elasticsearch.env.Environment;
 import org.elasticsearch.features.NodeFeature;
 import org.elasticsearch.index.IndexVersion;
@@ -90,15 +91,29 @@ public final class InflowNode extends Node {
         LogConfigurator.configure(environment, true);
         Logger logger = LogManager.getLogger(InflowNode.class);
 
-        InflowNode node = new InflowNode(environment);
+        InflowNode node = null;
+        try {
+            node = new InflowNode(environment);
+            node.start();
+        } catch (Throwable t) {
+            logger.error("node failed to start", t);
+            if (node != null) {
+                IOUtils.closeWhileHandlingException(node);
+            }
+            // Last line of the log, read by `inflow dev up` for its one-line error.
+            logger.error("{} {}", FAILURE_MARKER, summary(t));
+            Configurator.shutdown((LoggerContext) LogManager.getContext(false));
+            System.exit(1);
+        }
         // The node's threads are daemons: like the official bootstrap, hold the JVM open until
         // SIGTERM runs the shutdown hook below.
+        InflowNode started = node;
         CountDownLatch keepAlive = new CountDownLatch(1);
         Runtime.getRuntime().addShutdownHook(new Thread(() -> {
             try {
-                node.prepareForClose();
-                node.close();
-                if (node.awaitClose(10, TimeUnit.SECONDS) == false) {
+                started.prepareForClose();
+                started.close();
+                if (started.awaitClose(10, TimeUnit.SECONDS) == false) {
                     logger.warn("node did not stop within 10 seconds");
                 }
             } catch (Exception e) {
@@ -108,9 +123,23 @@ public final class InflowNode extends Node {
                 keepAlive.countDown();
             }
         }, "inflow-node-shutdown"));
-        node.start();
         logger.info("Inflow node started: Elasticsearch {} (genuine server jars)", Build.current().version());
         keepAlive.await();
+    }
+
+    static final String FAILURE_MARKER = "Inflow node failed to start:";
+
+    /** "Type: message", then the root cause's when it differs: one line for a one-line error. */
+    static String summary(Throwable t) {
+        Throwable root = t;
+        while (root.getCause() != null && root.getCause() != root) {
+            root = root.getCause();
+        }
+        String text = t.getClass().getSimpleName() + ": " + t.getMessage();
+        if (root != t) {
+            text += " (caused by " + root.getClass().getSimpleName() + ": " + root.getMessage() + ")";
+        }
+        return text.replace('\n', ' ');
     }
 
     /** `GET /` and `HEAD /` as the rest-root module answers them (RestMainAction). */

@@ -1,0 +1,99 @@
+"""Metrics: one registry per app, escaped labels, lag and engine read at scrape time."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from engines.types import ModelIdentity
+from streams.lag import LagSample, LagTracker
+from streams.metrics import Metrics
+
+
+def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Parse the exposition as Prometheus would: (name, sorted labels) -> value."""
+    text = metrics.render().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_each_app_has_its_own_registry() -> None:
+    first, second = Metrics(), Metrics()  # would raise "Duplicated timeseries" if shared
+    first.events_in.inc(3)
+    assert first.total("inflow_events_consumed_total") == 3
+    assert second.total("inflow_events_consumed_total") == 0
+
+
+def test_label_values_are_escaped() -> None:
+    metrics = Metrics()
+    label = 'say "hi"\\ back\nnow'
+    metrics.predictions.labels(label=label).inc(2)
+    assert _samples(metrics)[("inflow_predictions_total", (("label", label),))] == 2
+
+
+def test_every_dead_letter_code_is_exposed_from_the_start() -> None:
+    samples = _samples(Metrics())
+    assert samples[("inflow_dead_letters_total", (("code", "invalid_json"),))] == 0
+    assert samples[("inflow_dead_letters_total", (("code", "index_rejected"),))] == 0
+
+
+class _Latest:
+    lag: LagSample | None = None
+    engine: ModelIdentity | None = None
+
+
+def test_lag_and_engine_are_read_at_scrape_time() -> None:
+    metrics = Metrics()
+    tracker = LagTracker()
+    latest = _Latest()
+    metrics.watch_lag(lambda: latest.lag, max_age_s=60)
+    metrics.watch_engine(lambda: latest.engine)
+    ends, committed = {("t", 0): 9, ("t", 1): 4}, {("t", 0): 2, ("t", 1): 4}
+    latest.lag = tracker.update(time.monotonic(), ends, committed)
+    samples = _samples(metrics)
+    assert samples[("inflow_consumer_lag", (("partition", "0"), ("topic", "t")))] == 7
+    assert samples[("inflow_consumer_lag", (("partition", "1"), ("topic", "t")))] == 0
+    assert not [k for k in samples if k[0] == "inflow_engine_info"]  # nothing loaded yet
+
+    latest.engine = ModelIdentity("minilm", "v2-onnxruntime-int8-ab", "onnxruntime", "int8")
+    latest.lag = tracker.update(time.monotonic(), {("t", 1): 6}, {("t", 1): 4})  # t/0 revoked
+    samples = _samples(metrics)
+    info = {"model": "minilm", "version": "v2-onnxruntime-int8-ab"}
+    info |= {"backend": "onnxruntime", "precision": "int8"}
+    assert samples[("inflow_engine_info", tuple(sorted(info.items())))] == 1
+    lag = {k: v for k, v in samples.items() if k[0] == "inflow_consumer_lag"}
+    assert lag == {("inflow_consumer_lag", (("partition", "1"), ("topic", "t"))): 2}
+
+
+def test_an_old_lag_sample_is_not_shown_as_current() -> None:
+    metrics = Metrics()
+    old = LagTracker().update(time.monotonic() - 120, {("t", 0): 9}, {("t", 0): 2})
+    metrics.watch_lag(lambda: old, max_age_s=30)
+    assert not [k for k in _samples(metrics) if k[0] == "inflow_consumer_lag"]
+
+
+def test_end_to_end_latency_is_never_negative() -> None:
+    metrics = Metrics()
+    now = 1_700_000_000.0
+    metrics.observe_published(event_ts_ms=int((now + 5) * 1000), record_ts_s=now - 2, now_s=now)
+    metrics.observe_published(event_ts_ms=None, record_ts_s=None, now_s=now)  # nothing known
+    sample = metrics.registry.get_sample_value
+    assert sample("inflow_event_to_published_seconds_count") == 1
+    assert sample("inflow_event_to_published_seconds_sum") == 0  # producer clock ahead: 0
+    assert sample("inflow_produced_to_published_seconds_sum") == 2
+
+
+def test_ready_gauge_and_bulk_observer() -> None:
+    metrics = Metrics()
+    assert metrics.registry.get_sample_value("inflow_ready") == 0
+    metrics.set_ready(True)
+    metrics.on_bulk_request(0.2)
+    metrics.on_bulk_retry(pending=3)
+    sample = metrics.registry.get_sample_value
+    assert sample("inflow_ready") == 1
+    assert sample("inflow_es_bulk_seconds_bucket", {"le": "0.25"}) == 1
+    assert sample("inflow_es_bulk_retries_total") == 1
