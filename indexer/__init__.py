@@ -14,7 +14,7 @@ from indexer.errors import (
     IndexUnavailable,
     LifecycleError,
 )
-from indexer.mapping import DEFAULT_ALIAS, EMBEDDING_DIMS, ensure_index
+from indexer.mapping import DEFAULT_ALIAS, EMBEDDING_DIMS, ensure_index, index_problem
 from indexer.search import Hit, Searcher, SearchResult
 
 __all__ = [
@@ -38,4 +38,5 @@ __all__ = [
     "build_action",
     "chunk_actions",
     "ensure_index",
+    "index_problem",
 ]

@@ -9,7 +9,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from elasticsearch import ApiError, AsyncElasticsearch
+from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 
 from indexer.errors import IndexSetupError
 
@@ -125,3 +125,21 @@ async def ensure_index(
         # The index exists but the alias does not point at it (someone removed it):
         # writing through the alias would fail, and guessing a repair is not ours to do.
         raise IndexSetupError(f"index {index!r} exists but alias {alias!r} does not point at it")
+
+
+async def index_problem(es: AsyncElasticsearch, alias: str = DEFAULT_ALIAS) -> str | None:
+    """Why documents cannot be written through `alias` now, or None when they can.
+
+    For readiness probes: one cheap request, never raises. Unreachable, refused credentials
+    and a missing alias each get their own one-line reason.
+    """
+    try:
+        if await es.indices.exists_alias(name=alias):
+            return None
+        return f"alias {alias!r} does not exist yet"
+    except ApiError as exc:
+        if exc.meta.status in (401, 403):
+            return f"Elasticsearch refused the credentials ({exc.meta.status}): check the API key"
+        return f"Elasticsearch answered {exc.meta.status}: {_error_type(exc)}"
+    except TransportError as exc:
+        return f"Elasticsearch unreachable: {type(exc).__name__}"

@@ -16,12 +16,16 @@ from typing import Any
 import faust
 from faust.types.auth import SASLMechanism
 
-from engines.types import Engine
-from indexer import BulkWriter, EsSettings, Searcher, ensure_index
+from engines.errors import EngineError
+from engines.registry import Registry
+from indexer import BulkWriter, EsSettings, Searcher, ensure_index, index_problem
 from streams.batcher import Batcher, BatchPolicy
 from streams.config import Settings
+from streams.health import WorkerHealth
 from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
+from streams.kafka import client_options
+from streams.lag import ConsumerLag, LagUnavailable
 from streams.metrics import Metrics
 from streams.retry import retry_forever
 
@@ -82,8 +86,9 @@ class _FaustPublisher:
         await delivered
 
 
-def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faust.App:
-    """Build the Faust app around an already loaded, warmed-up engine."""
+def create_app(settings: Settings, registry: Registry) -> faust.App:
+    """Build the Faust app. The engine comes from `registry` (the active version, or the pinned
+    `settings.engine_version`): the worker waits, not ready, until there is one to load."""
     bootstrap = settings.require_kafka()
     datadir = settings.state_dir / "faust"
     datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
@@ -114,7 +119,7 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
     app_state: dict[str, Any] = {"metrics": metrics, "settings": settings}
     publisher = _FaustPublisher(app)
     batcher = Batcher(
-        engine,
+        None,
         BatchPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms),
         on_batch=metrics.observe_batch,
     )
@@ -146,6 +151,20 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
     ready = asyncio.Event()  # set once the components below have started
     texts = topic(settings.texts_topic)
     predictions = topic(settings.predictions_topic)
+    engine_loaded = asyncio.Event()
+    lag = ConsumerLag(
+        settings.app_id,
+        assignment=lambda: app.consumer.assignment(),
+        client_options=client_options(settings),
+    )
+    health = WorkerHealth(
+        assignment=lambda: app.consumer.assignment(),
+        lag=lambda: lag.last,
+        stall_after_s=settings.stall_after_s,
+    )
+    app_state.update(health=health)
+    metrics.watch_engine(lambda: batcher.identity)
+    metrics.watch_lag(lambda: lag.last, max_age_s=3 * settings.health_poll_s)
 
     @app.agent(texts, concurrency=1)
     async def infer(stream: Any) -> None:
@@ -162,6 +181,7 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
     @app.task
     async def _start() -> None:
         await batcher.start()
+        await lag.start()
         # Elasticsearch may come up after the worker: keep trying (one log line per attempt)
         # rather than crash; nothing is consumed until the index exists.
         await retry_forever(
@@ -169,11 +189,17 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
             what=f"create index template and alias {settings.es_alias}",
             base_s=1.0,
             cap_s=15.0,
+            on_retry=lambda _attempt, exc: health.set(
+                "elasticsearch", f"cannot set up alias {settings.es_alias}: {exc}"
+            ),
         )
+        health.set("elasticsearch", None)
         await writer.start()
         await searcher.start()
         await index_buffer.start()
+        await engine_loaded.wait()  # the engine follower below loads the first one
         ready.set()
+        health.set("agents", None)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _stop(app: faust.App, **kwargs: Any) -> None:
@@ -185,30 +211,56 @@ def create_app(settings: Settings, engine: Engine, registry: Any = None) -> faus
         await writer.stop()
         await searcher.stop()
         await es.close()
+        await lag.stop()
 
-    if registry is not None and not settings.engine_version:
-        failed: set[str] = set()
+    @app.timer(interval=settings.health_poll_s)
+    async def probe_health() -> None:
+        if ready.is_set():  # before, _start reports Elasticsearch through its retry loop
+            health.set("elasticsearch", await index_problem(es, settings.es_alias))
+        try:
+            await lag.sample()
+        except LagUnavailable as exc:
+            log.warning("consumer lag: %s", exc)
+        metrics.set_ready(health.ready().ok)
 
-        @app.timer(interval=settings.engine_poll_s)
-        async def follow_registry() -> None:
-            from engines.load import load_engine
+    failed: set[str] = set()  # versions that failed to load: not retried until activated anew
 
-            wanted = registry.active_version()
-            current = batcher.identity.version
-            if wanted is None or wanted == current or wanted in failed:
-                return
-            log.info("engine: switching %s -> %s", current, wanted)
-            try:
-                # load_engine warms the new engine up before it is swapped in.
-                identity = await batcher.swap_engine(
-                    lambda: load_engine(settings.engine_dir, wanted)
-                )
-            except Exception as exc:
-                failed.add(wanted)
-                log.error("engine %s failed to load, keeping %s: %s", wanted, current, exc)
-                return
+    @app.timer(interval=settings.engine_poll_s)
+    async def follow_registry() -> None:
+        """Load the first engine when one exists, then follow the registry's active pointer
+        (unless a version is pinned); a version that fails to load is reported, not retried."""
+        from engines.load import load_engine
+
+        wanted = settings.engine_version or registry.active_version()
+        current = batcher.identity.version if batcher.identity else None
+        if wanted is None:
+            health.set(
+                "engine",
+                f"no active engine in {registry.root}: run the engine-build job "
+                "(`inflow engine ensure`)",
+            )
+            return
+        if wanted == current or wanted in failed:
+            return
+        log.info("engine: loading %s (serving %s)", wanted, current or "nothing yet")
+        try:
+            # load_engine verifies the artifacts and warms the engine up before the swap.
+            identity = await batcher.swap_engine(lambda: load_engine(settings.engine_dir, wanted))
+        except EngineError as exc:
+            failed.add(wanted)
+            metrics.engine_swap_failures.inc()
+            log.error("engine %s failed to load, keeping %s: %s", wanted, current, exc)
+            if current is None:
+                health.set("engine", f"engine {wanted} failed to load: {exc}")
+            return
+        failed.discard(wanted)
+        if current is not None:
             metrics.engine_swaps.inc()
-            log.info("engine: now serving %s", identity.version)
+        health.set("engine", None)
+        engine_loaded.set()
+        log.info(
+            "engine: now serving %s (%s %s)", identity.version, identity.backend, identity.precision
+        )
 
     from streams.web import register_views
 

@@ -66,24 +66,26 @@ class InferenceFailed(Exception):
     """The engine raised for this text even when run alone."""
 
 
+class NoEngine(RuntimeError):
+    """Asked to run before the first engine was loaded (the worker waits for one)."""
+
+
 class Batcher:
     """Explicit lifecycle: `start()` spawns the batching task, `stop()` drains then stops."""
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | None,
         policy: BatchPolicy,
         on_batch: Callable[[int, float], object] | None = None,
     ) -> None:
+        """`engine` may be None: a worker started before any engine exists gets one later
+        through `swap_engine`, and nothing is submitted until then."""
         if policy.max_batch_size < 1 or policy.max_batch_tokens < 1 or policy.max_wait_ms < 0:
             raise ValueError(f"invalid batch policy {policy}")
+        self._requested = policy
         self._engine = engine
-        # The router lowers its limits to what the backend supports.
-        self.policy = BatchPolicy(
-            min(policy.max_batch_size, engine.max_batch_size),
-            policy.max_batch_tokens,
-            policy.max_wait_ms,
-        )
+        self.policy = self._fit(policy, engine)
         self._pending: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflow-engine")
@@ -93,14 +95,29 @@ class Batcher:
         self.stats = BatcherStats()
         self._on_batch = on_batch  # (batch size, engine ms), for metrics
 
+    @staticmethod
+    def _fit(policy: BatchPolicy, engine: Engine | None) -> BatchPolicy:
+        """The router lowers its limits to what the backend supports."""
+        if engine is None:
+            return policy
+        return BatchPolicy(
+            min(policy.max_batch_size, engine.max_batch_size),
+            policy.max_batch_tokens,
+            policy.max_wait_ms,
+        )
+
     @property
     def engine(self) -> Engine:
         with self._engine_lock:
-            return self._engine
+            engine = self._engine
+        if engine is None:
+            raise NoEngine("no engine loaded yet")
+        return engine
 
     @property
-    def identity(self) -> ModelIdentity:
-        return self.engine.identity
+    def identity(self) -> ModelIdentity | None:
+        with self._engine_lock:
+            return None if self._engine is None else self._engine.identity
 
     @property
     def pending(self) -> int:
@@ -138,16 +155,17 @@ class Batcher:
         """Load a new engine on the engine thread and switch to it between two batches."""
         loop = asyncio.get_running_loop()
 
-        def load_and_swap() -> Engine:
+        def load_and_swap() -> tuple[Engine | None, Engine]:
             new = load()
             with self._engine_lock:
                 old, self._engine = self._engine, new
-            return old
+                self.policy = self._fit(self._requested, new)
+            return old, new
 
-        old = await loop.run_in_executor(self._thread, load_and_swap)
-        if old is not self._engine:
+        old, new = await loop.run_in_executor(self._thread, load_and_swap)
+        if old is not None and old is not new:
             old.close()
-        return self._engine.identity
+        return new.identity
 
     # ----------------------------------------------------------------- batching loop
 
@@ -219,9 +237,7 @@ class Batcher:
         self._deliver([item], result, started)
 
     def _predict(self, texts: list[str]) -> BatchResult:
-        with self._engine_lock:
-            engine = self._engine
-        return engine.predict(texts)
+        return self.engine.predict(texts)
 
     def _deliver(self, batch: list[_Item], result: BatchResult, started: float) -> None:
         finished = time.perf_counter()

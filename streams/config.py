@@ -84,6 +84,9 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     engine_poll_s: float = 2.0  # how often the worker looks for a newly activated engine
+    health_poll_s: float = 5.0  # how often Elasticsearch and the consumer lag are probed
+    # /health/live fails when a partition has lag but its committed offset stood still this long
+    stall_after_s: float = 120.0
     log_level: str = "info"
 
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -127,6 +130,8 @@ class Settings:
             raise ConfigError("INFLOW_MAX_WAIT_MS must be 0 or more")
         if self.max_in_flight < self.max_batch_size:
             raise ConfigError("INFLOW_MAX_IN_FLIGHT must be at least INFLOW_MAX_BATCH_SIZE")
+        if self.health_poll_s <= 0 or self.stall_after_s <= 0:
+            raise ConfigError("INFLOW_HEALTH_POLL_S and INFLOW_STALL_AFTER_S must be positive")
         if not 0 <= self.web_port <= 65535:
             raise ConfigError("INFLOW_WEB_PORT must be a TCP port (0-65535)")
         if self.kafka_security_protocol not in SECURITY_PROTOCOLS:

@@ -1,4 +1,6 @@
-"""HTTP views on the worker: /health, /metrics, /search, /similar (JSON unless noted)."""
+"""HTTP views on the worker: /health/ready, /health/live, /health, /metrics, /search, /similar.
+
+JSON unless noted; the health views answer 503 with the reason when not ok."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import faust
 from faust.web import Request, Response, View
 
 from indexer import IndexerError, SearchResult
+from streams.batcher import NoEngine
 from streams.metrics import CONTENT_TYPE_LATEST
 
 
@@ -37,22 +40,36 @@ def register_views(app: faust.App, state: dict[str, Any]) -> None:
     searcher = state["searcher"]
     metrics = state["metrics"]
     infer = state["infer"]
+    health = state["health"]
 
     def bad_request(web: View, message: str) -> Response:
         return web.json({"error": message}, status=400)
 
+    @app.page("/health/ready")
+    async def health_ready(web: View, request: Request) -> Response:
+        report = health.ready()
+        return web.json(report.body(), status=report.status)
+
+    @app.page("/health/live")
+    async def health_live(web: View, request: Request) -> Response:
+        report = health.live()
+        return web.json(report.body(), status=report.status)
+
     @app.page("/health")
-    async def health(web: View, request: Request) -> Response:
+    async def health_summary(web: View, request: Request) -> Response:
+        """Readiness plus what the worker is doing (for people; probes use /health/ready)."""
+        report = health.ready()
         identity = batcher.identity
         body = {
-            "status": "ok",
-            "engine": dataclasses.asdict(identity),
+            **report.body(),
+            "live": health.live().body(),
+            "engine": dataclasses.asdict(identity) if identity else None,
             "in_flight": infer.in_flight,
             "queued_for_batch": batcher.pending,
             "batches": batcher.stats.batches,
             "texts": batcher.stats.texts,
         }
-        return web.json(body)
+        return web.json(body, status=report.status)
 
     @app.page("/metrics")
     async def prometheus(web: View, request: Request) -> Response:
@@ -82,6 +99,8 @@ def register_views(app: faust.App, state: dict[str, Any]) -> None:
             k = _int_param(request, "k", 10, 1, 1000)
             vector = await batcher.embed_query(text)
             result = await searcher.search_similar(vector, k=k, label=request.query.get("label"))
+        except NoEngine:
+            return web.json({"error": "no engine loaded yet: see /health/ready"}, status=503)
         except ValueError as exc:
             return bad_request(web, str(exc))
         except IndexerError as exc:

@@ -1,9 +1,12 @@
-"""`inflow worker`: start-up reads top-down: engine -> warm-up -> topics -> app -> consume."""
+"""`inflow worker`: start-up reads top-down: settings -> topics -> app -> consume.
+
+The engine is not built here, ever: the worker loads the registry's active version (a one-shot
+engine-build job writes it) and waits, not ready, while there is none (`streams.app`).
+"""
 
 from __future__ import annotations
 
 import logging
-import time
 
 from streams.config import Settings
 from streams.topics import ensure_topics_sync
@@ -14,7 +17,6 @@ log = logging.getLogger("inflow.worker")
 def run_worker(settings: Settings, loglevel: str = "info") -> int:
     import faust
 
-    from engines.load import load_engine
     from engines.registry import Registry
     from streams.app import create_app
 
@@ -23,19 +25,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
     )
     settings.require_kafka()
     settings.require_es()
-    started = time.perf_counter()
-    engine = load_engine(settings.engine_dir, settings.engine_version or None)  # and warms it up
-    identity = engine.identity
-    log.info(
-        "engine %s (%s %s) loaded and warm in %.1fs",
-        identity.version,
-        identity.backend,
-        identity.precision,
-        time.perf_counter() - started,
-    )
     for line in ensure_topics_sync(settings):
         log.info("topic %s", line)
-    app = create_app(settings, engine, registry=Registry(settings.engine_dir))
+    app = create_app(settings, Registry(settings.engine_dir))
     worker = faust.Worker(app, loglevel=loglevel, override_logging=False)
     log.info("web views on http://%s:%d", settings.web_host, settings.web_port)
     try:

@@ -84,8 +84,8 @@ def _worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[byt
             start_new_session=True,
         )
     try:
-        _wait_healthy(proc, f"http://{settings.web_host}:{port}/health", log_path)
-        _say(f"worker pid {proc.pid} healthy at http://{settings.web_host}:{port} (log {log_path})")
+        _wait_healthy(proc, f"http://{settings.web_host}:{port}/health/ready", log_path)
+        _say(f"worker pid {proc.pid} ready at http://{settings.web_host}:{port} (log {log_path})")
         yield proc
     finally:
         if proc.poll() is None:
@@ -108,7 +108,7 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> No
             if response.status == 200:
                 return
         time.sleep(0.5)
-    raise InflowError(f"worker not healthy within 180 s: see {log_path}")
+    raise InflowError(f"worker not ready within 180 s: see {log_path} and {url}")
 
 
 async def _wait_indexed(settings: Settings, expected: int, started: float) -> float:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -74,13 +75,20 @@ class Worker:
     url: str
     log: Path
 
-    def health(self) -> dict[str, object] | None:
+    def probe(self, path: str = "/health") -> tuple[int, dict[str, object]] | None:
+        """(HTTP status, JSON body) of a health view; None while the web server is not up."""
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                body: dict[str, object] = json.loads(response.read())
-                return body
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:  # 503 carries the reason in its body
+            with error:
+                return error.code, json.loads(error.read())
         except OSError:
             return None
+
+    def health(self) -> dict[str, object] | None:
+        answer = self.probe("/health")
+        return None if answer is None else answer[1]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
         if self.proc.poll() is None:
@@ -100,26 +108,33 @@ class WorkerFactory:
     tmp: Path
     started: list[Worker] = field(default_factory=list)
 
-    def start(self, **extra_env: str) -> Worker:
+    def start(
+        self, *, wait_ready: bool = True, inflow: list[str] | None = None, **extra_env: str
+    ) -> Worker:
+        """Start a worker; return once /health/ready says 200 (or, with wait_ready=False,
+        once its web server answers at all). `inflow` is the command that runs the CLI
+        (default: this interpreter on the checkout)."""
         port = free_port()
         env = {**self.env, "INFLOW_WEB_PORT": str(port), **extra_env}
         log = self.tmp / f"worker-{len(self.started)}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli.main", "worker"],
+                [*(inflow or [sys.executable, "-m", "streams.cli.main"]), "worker"],
                 env=env,
-                cwd=ROOT,
+                cwd=ROOT if inflow is None else self.tmp,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
         worker = Worker(proc, f"http://127.0.0.1:{port}", log)
         self.started.append(worker)
         deadline = time.monotonic() + 180
-        while worker.health() is None:
+        while True:
+            answer = worker.probe("/health/ready")
+            if answer is not None and (answer[0] == 200 or not wait_ready):
+                return worker
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"worker did not start:\n{log.read_text()[-3000:]}")
+                raise AssertionError(f"worker did not start ({answer}):\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        return worker
 
 
 @pytest.fixture

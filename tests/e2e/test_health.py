@@ -1,0 +1,237 @@
+"""/health/ready and /health/live of real workers, and workers that never build engines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from engines.build.data import sample_texts
+from engines.registry import Registry
+from schemas import encode_event
+from tests.e2e.conftest import ROOT, Names, Worker, WorkerFactory, read_topic
+from tests.e2e.test_pipeline import _produce
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
+
+
+async def _until(
+    worker: Worker, path: str, accept: Callable[[int, dict[str, object]], bool], timeout_s: float
+) -> tuple[int, dict[str, object]]:
+    deadline = time.monotonic() + timeout_s
+    answer = None
+    while time.monotonic() < deadline:
+        answer = await asyncio.to_thread(worker.probe, path)
+        if answer is not None and accept(*answer):
+            return answer
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{path} never met the expectation; last answer {answer}")
+
+
+class TcpProxy:
+    """A loopback TCP forwarder in front of a real server, which the test can cut and restore:
+    Elasticsearch 'goes down' for the worker while it keeps running for everyone else."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen()
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture
+def es_proxy(es_url: str) -> Iterator[TcpProxy]:
+    parts = urlsplit(es_url)
+    proxy = TcpProxy((parts.hostname or "127.0.0.1", parts.port or 9200))
+    proxy.up()
+    yield proxy
+    proxy.down()
+
+
+async def test_ready_follows_elasticsearch_and_live_stays_up(
+    workers: WorkerFactory, es_proxy: TcpProxy
+) -> None:
+    worker = workers.start(
+        INFLOW_ES_URL=f"http://127.0.0.1:{es_proxy.port}", INFLOW_HEALTH_POLL_S="1"
+    )
+    answer = worker.probe("/health/ready")
+    assert answer is not None and answer[0] == 200, answer
+    es_proxy.down()
+    _status, body = await _until(worker, "/health/ready", lambda s, _: s == 503, 60)
+    checks = body["checks"]
+    assert isinstance(checks, dict) and "unreachable" in str(checks["elasticsearch"]), body
+    assert checks["engine"] == "ok" and checks["partitions"] == "ok", body
+    live = await asyncio.to_thread(worker.probe, "/health/live")
+    assert live is not None and live[0] == 200, f"a dependency outage is not death: {live}"
+    es_proxy.up()  # same port
+    await _until(worker, "/health/ready", lambda s, _: s == 200, 60)
+
+
+async def test_a_worker_without_partitions_is_not_ready(
+    workers: WorkerFactory,
+) -> None:
+    # One partition, two workers: the group gives it to one of them.
+    first = workers.start(INFLOW_TOPIC_PARTITIONS="1", INFLOW_HEALTH_POLL_S="1")
+    second = workers.start(INFLOW_TOPIC_PARTITIONS="1", wait_ready=False)
+
+    async def split() -> list[tuple[int, dict[str, object]]]:
+        deadline = time.monotonic() + 90
+        while True:
+            answers = [await asyncio.to_thread(w.probe, "/health/ready") for w in (first, second)]
+            codes = sorted(a[0] for a in answers if a is not None)
+            settled = all(  # both engines loaded: only the partitions can differ
+                isinstance(a[1]["checks"], dict) and a[1]["checks"]["engine"] == "ok"
+                for a in answers
+                if a is not None
+            )
+            if (codes == [200, 503] and settled) or time.monotonic() > deadline:
+                return [a for a in answers if a is not None]
+            await asyncio.sleep(0.5)
+
+    answers = await split()
+    assert sorted(code for code, _ in answers) == [200, 503], answers
+    idle = next(body for code, body in answers if code == 503)
+    checks = idle["checks"]
+    assert isinstance(checks, dict) and "no partitions assigned" in str(checks["partitions"])
+    assert checks["engine"] == "ok", "only the partitions are missing"
+
+
+async def test_workers_wait_for_the_build_job_and_never_build(
+    workers: WorkerFactory,
+    names: Names,
+    kafka_bootstrap: str,
+    engine_dir: Path,  # trains the default model once per session; the job below reuses it
+    tmp_path: Path,
+) -> None:
+    registry_dir = tmp_path / "empty-registry"
+    env = {"INFLOW_ENGINE_DIR": str(registry_dir), "INFLOW_HEALTH_POLL_S": "1"}
+    pair = [workers.start(wait_ready=False, **env) for _ in range(2)]
+    for worker in pair:
+        status, _body = await _until(
+            worker, "/health/ready", lambda _, b: "no active engine" in str(b.get("reason")), 60
+        )
+        assert status == 503
+        live = await asyncio.to_thread(worker.probe, "/health/live")
+        assert live is not None and live[0] == 200, live
+    texts = sample_texts(20, seed=11)
+    events = [
+        (f"wait-{i}".encode(), encode_event(text, id=f"wait-{i}")) for i, text in enumerate(texts)
+    ]
+    await _produce(kafka_bootstrap, names.texts, events)
+    await asyncio.sleep(3)
+    assert all(w.proc.poll() is None for w in pair), "waiting is not crashing"
+    assert Registry(registry_dir).list() == [], "a worker built or registered an engine"
+    # The engine-build job: one `inflow engine ensure`, as the compose service and the Job run it.
+    job = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "streams.cli.main",
+            "--registry",
+            str(registry_dir),
+            "engine",
+            "ensure",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "INFLOW_ENGINE_DIR": str(registry_dir)},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    built = Registry(registry_dir).list()
+    assert len(built) == 1, [m.version for m in built]
+    for worker in pair:
+        await _until(worker, "/health/ready", lambda s, _: s == 200, 120)
+    predictions = await read_topic(kafka_bootstrap, names.predictions, len(events))
+    assert sorted(k or b"" for k, _, _ in predictions) == sorted(key for key, _ in events)
+    assert len(Registry(registry_dir).list()) == 1, "the workers built nothing after the job"
+
+
+async def test_live_fails_when_the_consumer_stalls_with_lag(
+    workers: WorkerFactory, names: Names, kafka_bootstrap: str
+) -> None:
+    # A predictions topic that refuses every record (max.message.bytes below any prediction):
+    # the infer agent keeps retrying its publish, commits nothing, and lag on the texts topic
+    # stays above zero. Engine and Elasticsearch are fine, so nothing excuses the stall.
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(names.predictions, 4, 1, topic_configs={"max.message.bytes": "64"})]
+        )
+    finally:
+        await admin.close()
+    worker = workers.start(INFLOW_STALL_AFTER_S="4", INFLOW_HEALTH_POLL_S="1")
+    live = await asyncio.to_thread(worker.probe, "/health/live")
+    assert live is not None and live[0] == 200, live
+    texts = sample_texts(8, seed=3)
+    await _produce(
+        kafka_bootstrap,
+        names.texts,
+        [(f"s-{i}".encode(), encode_event(t, id=f"s-{i}")) for i, t in enumerate(texts)],
+    )
+    _status, body = await _until(worker, "/health/live", lambda s, _: s == 503, 90)
+    assert f"{names.texts}[" in str(body["reason"]) and "no progress" in str(body["reason"]), body
+    ready = await asyncio.to_thread(worker.probe, "/health/ready")
+    assert ready is not None and ready[0] == 200, "its dependencies are fine: only live fails"
