@@ -69,10 +69,6 @@ class ServiceRecord:
             return f"noida-db {self.version} (Kafka wire protocol imitation)"
         return f"noida-db {self.version} (Elasticsearch 8 API imitation)"
 
-    @property
-    def genuine(self) -> bool:
-        return self.kind in ("apache-kafka", "elasticsearch")
-
 
 @dataclass(frozen=True, slots=True)
 class Endpoints:
