@@ -14,7 +14,7 @@ import numpy as np
 
 from engines.backends.base import Backend
 from engines.tokenize import Tokenizer
-from engines.types import EMBEDDING_DIM, BatchResult, ModelIdentity
+from engines.types import EMBEDDING_DIM, BatchResult, ModelIdentity, TokenizedText
 
 WARMUP_TEXTS = (
     "warm-up",
@@ -64,15 +64,25 @@ class LoadedEngine:
     def count_tokens(self, texts: list[str]) -> list[int]:
         return self._tokenizer.count_tokens(texts)
 
-    def run_raw(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
-        """(probs [n, labels], embeddings [n, 384], truncated) in input order."""
+    def tokenize(self, texts: list[str]) -> list[TokenizedText]:
+        """Thread-safe (the tokenizer holds no per-call state): the router calls it on its own
+        thread while the engine thread runs the previous batch."""
+        return self._tokenizer.tokenize(texts)
+
+    def run_raw(
+        self, texts: Sequence[str], tokens: Sequence[TokenizedText] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """(probs [n, labels], embeddings [n, 384], truncated) in input order; `tokens` is
+        `tokenize(texts)` when the caller already has it (then no text is tokenized again)."""
         backend = self._require()
         n = len(texts)
+        if tokens is not None and len(tokens) != n:
+            raise ValueError(f"{len(tokens)} tokenized texts for {n} texts")
         probs = np.zeros((n, len(self.labels)), dtype=np.float32)
         if n == 0:
             return probs, np.zeros((0, EMBEDDING_DIM), dtype=np.float32), []
         emb: np.ndarray | None = None
-        items = self._tokenizer.tokenize(texts)
+        items = list(tokens) if tokens is not None else self._tokenizer.tokenize(texts)
         cap = backend.max_batch_size
         if n <= cap:
             groups = [list(range(n))]
@@ -92,8 +102,10 @@ class LoadedEngine:
         emb /= np.maximum(norms, 1e-12)
         return probs, emb, [t.truncated for t in items]
 
-    def predict(self, texts: list[str]) -> BatchResult:
-        probs, emb, truncated = self.run_raw(texts)
+    def predict(
+        self, texts: list[str], tokens: Sequence[TokenizedText] | None = None
+    ) -> BatchResult:
+        probs, emb, truncated = self.run_raw(texts, tokens)
         labels = self.labels
         top = probs.argmax(axis=1) if len(texts) else np.zeros(0, dtype=np.int64)
         scores = [{label: float(p) for label, p in zip(labels, row, strict=True)} for row in probs]

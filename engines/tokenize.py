@@ -15,6 +15,9 @@ import numpy.typing as npt
 from tokenizers import Tokenizer as _HFTokenizer
 
 from engines.errors import ModelNotFound
+from engines.types import TokenizedText
+
+__all__ = ["DEFAULT_MAX_SEQ_LEN", "Encoded", "TokenizedText", "Tokenizer"]
 
 DEFAULT_MAX_SEQ_LEN = 256
 
@@ -30,12 +33,6 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.lengths)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenizedText:
-    ids: list[int]
-    truncated: bool
 
 
 class Tokenizer:

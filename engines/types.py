@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -23,6 +24,17 @@ class ModelIdentity:
     version: str  # registry version, e.g. "v3-onnxruntime-int8-1a2b3c4d"
     backend: str  # "onnxruntime" | "tensorrt" | "torch"
     precision: str  # "fp32" | "fp16" | "int8"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizedText:
+    """One text's token ids (truncated to the engine's max sequence length, unpadded)."""
+
+    ids: list[int]
+    truncated: bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +68,15 @@ class Engine(Protocol):
         """Token count of each text after truncation to max_seq_len (for batch token budgets)."""
         ...
 
-    def predict(self, texts: list[str]) -> BatchResult: ...
+    def tokenize(self, texts: list[str]) -> list[TokenizedText]:
+        """Each text's tokens, for `predict(texts, tokens)`: tokenize once, off the engine
+        thread, and let the router batch by length."""
+        ...
+
+    def predict(
+        self, texts: list[str], tokens: Sequence[TokenizedText] | None = None
+    ) -> BatchResult:
+        """Answer `texts`; `tokens`, when given, is this engine's `tokenize(texts)`."""
+        ...
 
     def close(self) -> None: ...

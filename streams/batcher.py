@@ -1,10 +1,19 @@
-"""The router: queues texts, forms micro-batches, runs the engine on its one thread.
+"""The router: tokenizes texts, queues them, picks micro-batches by length, runs the engine.
 
-A batch closes when it reaches `max_batch_size` texts, when adding the next text would push
-its padded token cost (longest text x count) past `max_batch_tokens`, or when its oldest text
-has waited `max_wait_ms`. The blocking engine runs on one dedicated thread; the event loop
-only awaits results. Engine swaps (`swap_engine`) run on that same thread, so a new version
-takes over strictly between two batches: no batch is split across versions.
+Each text is tokenized once, on a tokenizer thread (never on the event loop), and the engine
+gets those tokens with the batch. A batch is formed when `max_batch_size` texts are queued,
+when the queue's padded token cost (longest text x count) reaches `max_batch_tokens`, or when
+the oldest text has waited `max_wait_ms`. With `length_aware` (the default) the batch is the
+oldest queued text plus the queued texts closest to it in length, so a batch of similar
+lengths wastes little on padding; the oldest text is always in the next batch, so no text
+starves (it waits at most for the texts queued before it). Without it, batches are
+first-in-first-out. Either way a batch never costs more than `max_batch_tokens` padded
+tokens (a single text always fits).
+
+The blocking engine runs on one dedicated thread; the event loop only awaits results. Engine
+swaps (`swap_engine`) run on that same thread, so a new version takes over strictly between
+two batches: no batch is split across versions (texts tokenized by the old engine are
+tokenized again by the new one).
 """
 
 from __future__ import annotations
@@ -13,15 +22,14 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-from engines.types import BatchResult, Engine, ModelIdentity
+from engines.types import BatchResult, Engine, ModelIdentity, TokenizedText
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +37,17 @@ class BatchPolicy:
     max_batch_size: int = 32
     max_batch_tokens: int = 4096
     max_wait_ms: int = 25
+    length_aware: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCost:
+    """What one batch cost: its texts, their real tokens, the padded tokens the engine ran."""
+
+    size: int
+    infer_ms: float
+    real_tokens: int
+    padded_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +64,14 @@ class ItemResult:
     batch_size: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Item:
     text: str
-    tokens: int
     future: asyncio.Future[ItemResult]
     enqueued: float = field(default_factory=time.perf_counter)
+    tokens: TokenizedText | None = None  # set on the tokenizer thread's return
+    length: int = 0  # len(tokens)
+    tokenized_by: Engine | None = None  # tokens are valid for this engine only
 
 
 @dataclass(slots=True)
@@ -59,7 +80,15 @@ class BatcherStats:
     texts: int = 0
     failed_batches: int = 0
     infer_seconds: float = 0.0
+    tokenize_seconds: float = 0.0  # on the tokenizer thread
+    real_tokens: int = 0
+    padded_tokens: int = 0  # longest x count per batch: what the engine computed
     batch_size_histogram: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def padding_ratio(self) -> float:
+        """Padded tokens per real token (1.0 = no padding at all)."""
+        return self.padded_tokens / self.real_tokens if self.real_tokens else 0.0
 
 
 class InferenceFailed(Exception):
@@ -77,7 +106,7 @@ class Batcher:
         self,
         engine: Engine | None,
         policy: BatchPolicy,
-        on_batch: Callable[[int, float], object] | None = None,
+        on_batch: Callable[[BatchCost], object] | None = None,
     ) -> None:
         """`engine` may be None: a worker started before any engine exists gets one later
         through `swap_engine`, and nothing is submitted until then."""
@@ -86,14 +115,17 @@ class Batcher:
         self._requested = policy
         self._engine = engine
         self.policy = self._fit(policy, engine)
-        self._pending: deque[_Item] = deque()
+        self._incoming: list[_Item] = []  # submitted, not yet tokenized
+        self._pending: list[_Item] = []  # tokenized, waiting for a batch (oldest first)
         self._wakeup = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflow-engine")
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflow-tokenize")
         self._task: asyncio.Task[None] | None = None
+        self._tokenizing: asyncio.Task[None] | None = None
         self._stopping = False
         self._engine_lock = threading.Lock()  # guards _engine between the loop and the thread
         self.stats = BatcherStats()
-        self._on_batch = on_batch  # (batch size, engine ms), for metrics
+        self._on_batch = on_batch  # for metrics
 
     @staticmethod
     def _fit(policy: BatchPolicy, engine: Engine | None) -> BatchPolicy:
@@ -104,6 +136,7 @@ class Batcher:
             min(policy.max_batch_size, engine.max_batch_size),
             policy.max_batch_tokens,
             policy.max_wait_ms,
+            policy.length_aware,
         )
 
     @property
@@ -121,7 +154,7 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._incoming)
 
     async def start(self) -> None:
         if self._task is None:
@@ -135,16 +168,56 @@ class Batcher:
             await self._task
             self._task = None
         self._thread.shutdown(wait=True)
+        self._tokenizer.shutdown(wait=True)
 
     async def submit(self, text: str) -> ItemResult:
         if self._stopping:
             raise RuntimeError("batcher is stopping")
-        loop = asyncio.get_running_loop()
-        tokens = self.engine.count_tokens([text])[0]
-        item = _Item(text, tokens, loop.create_future())
-        self._pending.append(item)
-        self._wakeup.set()
+        self.engine  # noqa: B018 - raises NoEngine before anything is queued
+        item = _Item(text, asyncio.get_running_loop().create_future())
+        self._incoming.append(item)
+        if self._tokenizing is None or self._tokenizing.done():
+            self._tokenizing = asyncio.create_task(self._tokenize(), name="inflow-tokenize")
         return await item.future
+
+    # ----------------------------------------------------------------- tokenizing
+
+    async def _tokenize(self) -> None:
+        """Tokenize what was submitted, in rounds (one thread call per round), off the loop."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._incoming:
+                items, self._incoming = self._incoming, []
+                engine = self.engine
+                texts = [item.text for item in items]
+                started = time.perf_counter()
+                try:
+                    tokens = await loop.run_in_executor(self._tokenizer, engine.tokenize, texts)
+                except Exception:
+                    await self._tokenize_one_by_one(loop, engine, items)
+                else:
+                    for item, tokenized in zip(items, tokens, strict=True):
+                        item.tokens, item.length = tokenized, len(tokenized)
+                        item.tokenized_by = engine
+                    self._pending.extend(items)
+                self.stats.tokenize_seconds += time.perf_counter() - started
+                self._wakeup.set()
+        finally:
+            self._wakeup.set()  # the batching loop may be waiting for this round to end
+
+    async def _tokenize_one_by_one(
+        self, loop: asyncio.AbstractEventLoop, engine: Engine, items: list[_Item]
+    ) -> None:
+        """A round failed: find the text the tokenizer refuses; the others go on."""
+        for item in items:
+            try:
+                tokens = await loop.run_in_executor(self._tokenizer, engine.tokenize, [item.text])
+            except Exception as exc:
+                self._fail(item, exc)
+                continue
+            item.tokens, item.length = tokens[0], len(tokens[0])
+            item.tokenized_by = engine
+            self._pending.append(item)
 
     async def embed_query(self, text: str) -> list[float]:
         """An embedding for search (runs on the engine thread, between batches)."""
@@ -170,33 +243,55 @@ class Batcher:
     # ----------------------------------------------------------------- batching loop
 
     def _take_batch(self) -> list[_Item]:
-        batch: list[_Item] = []
-        longest = 0
-        while self._pending and len(batch) < self.policy.max_batch_size:
-            candidate = self._pending[0]
-            padded = max(longest, candidate.tokens) * (len(batch) + 1)
-            if batch and padded > self.policy.max_batch_tokens:
+        """The next batch, removed from the queue: see the module docstring."""
+        pending, policy = self._pending, self.policy
+        if not pending:
+            return []
+        oldest = pending[0]
+        if policy.length_aware:
+            # Closest in length to the oldest text first, older first among equals.
+            others = sorted(
+                range(1, len(pending)),
+                key=lambda i: (abs(pending[i].length - oldest.length), i),
+            )
+        else:
+            others = list(range(1, len(pending)))
+        chosen, longest = [0], oldest.length
+        for i in others:
+            if len(chosen) >= policy.max_batch_size:
                 break
-            batch.append(self._pending.popleft())
-            longest = max(longest, candidate.tokens)
-        return batch
+            widest = max(longest, pending[i].length)
+            if widest * (len(chosen) + 1) > policy.max_batch_tokens:
+                if policy.length_aware:
+                    continue  # a text closer in length may still fit
+                break
+            chosen.append(i)
+            longest = widest
+        taken = set(chosen)
+        self._pending = [item for i, item in enumerate(pending) if i not in taken]
+        return [pending[i] for i in sorted(chosen)]
 
     def _ready(self) -> bool:
         if not self._pending:
             return False
         if self._stopping or len(self._pending) >= self.policy.max_batch_size:
             return True
-        tokens = max(item.tokens for item in self._pending) * len(self._pending)
+        tokens = max(item.length for item in self._pending) * len(self._pending)
         if tokens >= self.policy.max_batch_tokens:
             return True
         waited_ms = (time.perf_counter() - self._pending[0].enqueued) * 1000
         return waited_ms >= self.policy.max_wait_ms
 
+    def _still_tokenizing(self) -> bool:
+        return bool(self._incoming) or (
+            self._tokenizing is not None and not self._tokenizing.done()
+        )
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
-                if self._stopping:
+                if self._stopping and not self._still_tokenizing():
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -213,10 +308,9 @@ class Batcher:
                 await self._infer(loop, batch)
 
     async def _infer(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        texts = [item.text for item in batch]
         started = time.perf_counter()
         try:
-            result = await loop.run_in_executor(self._thread, self._predict, texts)
+            result = await loop.run_in_executor(self._thread, self._predict, batch)
         except Exception:
             self.stats.failed_batches += 1
             # Isolate the text that breaks the engine: retry one at a time.
@@ -228,27 +322,43 @@ class Batcher:
     async def _infer_one(self, loop: asyncio.AbstractEventLoop, item: _Item) -> None:
         started = time.perf_counter()
         try:
-            result = await loop.run_in_executor(self._thread, self._predict, [item.text])
+            result = await loop.run_in_executor(self._thread, self._predict, [item])
         except Exception as exc:
-            if not item.future.done():
-                message = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
-                item.future.set_exception(InferenceFailed(message))
+            self._fail(item, exc)
             return
         self._deliver([item], result, started)
 
-    def _predict(self, texts: list[str]) -> BatchResult:
-        return self.engine.predict(texts)
+    @staticmethod
+    def _fail(item: _Item, exc: Exception) -> None:
+        if not item.future.done():
+            message = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+            item.future.set_exception(InferenceFailed(message))
+
+    def _predict(self, batch: Sequence[_Item]) -> BatchResult:
+        """On the engine thread: the batch with its tokens when the serving engine made them."""
+        engine = self.engine
+        texts = [item.text for item in batch]
+        tokens = [
+            item.tokens for item in batch if item.tokens is not None and item.tokenized_by is engine
+        ]
+        if len(tokens) == len(batch):
+            return engine.predict(texts, tokens)
+        return engine.predict(texts)  # tokenized by an engine swapped out since
 
     def _deliver(self, batch: list[_Item], result: BatchResult, started: float) -> None:
         finished = time.perf_counter()
         infer_ms = (finished - started) * 1000
-        self.stats.batches += 1
-        self.stats.texts += len(batch)
-        self.stats.infer_seconds += finished - started
-        histogram = self.stats.batch_size_histogram
-        histogram[len(batch)] = histogram.get(len(batch), 0) + 1
+        real = sum(item.length for item in batch)
+        padded = max(item.length for item in batch) * len(batch)
+        stats = self.stats
+        stats.batches += 1
+        stats.texts += len(batch)
+        stats.infer_seconds += finished - started
+        stats.real_tokens += real
+        stats.padded_tokens += padded
+        stats.batch_size_histogram[len(batch)] = stats.batch_size_histogram.get(len(batch), 0) + 1
         if self._on_batch is not None:
-            self._on_batch(len(batch), infer_ms)
+            self._on_batch(BatchCost(len(batch), infer_ms, real, padded))
         for i, item in enumerate(batch):
             if item.future.done():  # the caller went away
                 continue

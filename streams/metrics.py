@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from engines.types import ModelIdentity
 from schemas import ErrorCode
+from streams.batcher import BatchCost
 from streams.lag import LagSample
 
 # No `*_created` series beside every counter and histogram: nothing here reads them.
@@ -151,6 +152,15 @@ class Metrics:
         self.batch_size = Histogram(
             "inflow_batch_size", "Texts per batch", buckets=BATCH_BUCKETS, registry=r
         )
+        # Padding waste = rate(padded) / rate(real): padded tokens per real token (1 = none).
+        self.batch_real_tokens = Counter(
+            "inflow_batch_real_tokens", "Tokens of the texts the engine ran", registry=r
+        )
+        self.batch_padded_tokens = Counter(
+            "inflow_batch_padded_tokens",
+            "Token positions the engine computed, padding included (longest text x texts)",
+            registry=r,
+        )
         self.event_to_published = Histogram(
             "inflow_event_to_published_seconds",
             "From the event's own time (its ts field) to its prediction acknowledged by Kafka",
@@ -180,9 +190,11 @@ class Metrics:
 
     # ---------------------------------------------------------------------- updates
 
-    def observe_batch(self, size: int, infer_ms: float) -> None:
-        self.batch_size.observe(size)
-        self.infer_ms.observe(infer_ms)
+    def observe_batch(self, batch: BatchCost) -> None:
+        self.batch_size.observe(batch.size)
+        self.infer_ms.observe(batch.infer_ms)
+        self.batch_real_tokens.inc(batch.real_tokens)
+        self.batch_padded_tokens.inc(batch.padded_tokens)
 
     def observe_published(
         self, event_ts_ms: int | None, record_ts_s: float | None, now_s: float | None = None

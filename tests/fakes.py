@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.types import EMBEDDING_DIM, BatchResult, ModelIdentity
+from engines.types import EMBEDDING_DIM, BatchResult, ModelIdentity, TokenizedText
 from indexer import BulkOutcome, Rejected
 
 LABELS = ("negative", "neutral", "positive")
@@ -25,6 +25,7 @@ class FakeEngine:
         self._max_batch = max_batch_size
         self.fail_on = fail_on
         self.batches: list[list[str]] = []
+        self.tokenized: list[int] = []  # how many texts of each batch came pre-tokenized
         self.threads: set[str] = set()
         self.closed = False
 
@@ -43,8 +44,16 @@ class FakeEngine:
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [min(256, len(text.split()) + 2) for text in texts]
 
-    def predict(self, texts: list[str]) -> BatchResult:
+    def tokenize(self, texts: list[str]) -> list[TokenizedText]:
+        return [TokenizedText(list(range(n)), False) for n in self.count_tokens(texts)]
+
+    def predict(
+        self, texts: list[str], tokens: Sequence[TokenizedText] | None = None
+    ) -> BatchResult:
         self.threads.add(threading.current_thread().name)
+        if tokens is not None:
+            assert [len(t) for t in tokens] == self.count_tokens(texts), "tokens of other texts"
+        self.tokenized.append(0 if tokens is None else len(tokens))
         if self.fail_on and any(self.fail_on in text for text in texts):
             raise RuntimeError(f"engine cannot take {self.fail_on!r}")
         self.batches.append(list(texts))

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
-from streams.batcher import Batcher, BatchPolicy, InferenceFailed
+from streams.batcher import Batcher, BatchPolicy, InferenceFailed, ItemResult
+from streams.metrics import Metrics
 from tests.fakes import FakeEngine
 
 
@@ -103,3 +105,112 @@ async def test_stop_answers_everything_already_queued() -> None:
 def test_invalid_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="invalid batch policy"):
         Batcher(FakeEngine(), BatchPolicy(0, 10, 5))
+
+
+# ------------------------------------------------------------ length-aware batch selection
+
+
+def _words(n: int, tag: str) -> str:
+    return " ".join([tag] * n)
+
+
+async def _run_all(engine: FakeEngine, policy: BatchPolicy, texts: list[str]) -> list[ItemResult]:
+    batcher = Batcher(engine, policy)
+    await batcher.start()
+    results = await asyncio.gather(*(batcher.submit(t) for t in texts))
+    await batcher.stop()
+    return list(results)
+
+
+async def test_length_aware_batches_group_similar_lengths_and_cut_padding() -> None:
+    texts = [_words(1 if i % 2 == 0 else 20, f"t{i}") for i in range(16)]
+    fifo, aware = FakeEngine(), FakeEngine()
+    fifo_batcher = Batcher(fifo, BatchPolicy(4, 10_000, 1000, length_aware=False))
+    metrics = Metrics()
+    aware_batcher = Batcher(
+        aware, BatchPolicy(4, 10_000, 1000, length_aware=True), on_batch=metrics.observe_batch
+    )
+    for batcher in (fifo_batcher, aware_batcher):
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit(t) for t in texts))
+        await batcher.stop()
+    # First in, first out: every batch mixes short and long texts, padded to the long ones.
+    assert fifo_batcher.stats.padding_ratio > 1.5
+    # By length: each batch holds one length only, so nothing is padded.
+    assert {len({len(t.split()) for t in batch}) for batch in aware.batches} == {1}
+    assert aware_batcher.stats.padding_ratio == 1.0
+    assert aware_batcher.stats.real_tokens == fifo_batcher.stats.real_tokens
+    # The metric counts the same tokens as the batcher's own stats.
+    assert metrics.total("inflow_batch_real_tokens_total") == aware_batcher.stats.real_tokens
+    assert metrics.total("inflow_batch_padded_tokens_total") == aware_batcher.stats.padded_tokens
+
+
+async def test_the_oldest_queued_text_is_always_in_the_next_batch() -> None:
+    """No starvation: a text of an odd length is not passed over for better-fitting ones."""
+    engine = FakeEngine()
+    batcher = Batcher(engine, BatchPolicy(4, 10_000, 1000))
+    await batcher.start()
+    order: list[str] = []
+
+    async def submit(text: str) -> None:
+        order.append(text)
+        await batcher.submit(text)
+
+    # A long text first, then waves of short ones that would fit together better than with it.
+    tasks = [asyncio.create_task(submit(_words(40, "long")))]
+    for wave in range(5):
+        tasks += [asyncio.create_task(submit(_words(2, f"w{wave}x{i}"))) for i in range(7)]
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    await batcher.stop()
+    assert _words(40, "long") in engine.batches[0]
+    served: set[str] = set()
+    for batch in engine.batches:
+        oldest_unserved = next(t for t in order if t not in served)
+        assert oldest_unserved in batch
+        served.update(batch)
+    assert served == set(order)
+
+
+async def test_a_text_no_batch_fits_beside_still_runs_alone() -> None:
+    engine = FakeEngine()
+    # 12 tokens each: the budget of 20 fits one text per batch only.
+    results = await _run_all(engine, BatchPolicy(8, 20, 1000), [_words(10, "w")] * 3)
+    assert [len(b) for b in engine.batches] == [1, 1, 1]
+    assert [r.batch_size for r in results] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("length_aware", [True, False])
+async def test_batched_results_equal_one_at_a_time_results(length_aware: bool) -> None:
+    texts = [
+        _words(1 + (i * 7) % 23, "love" if i % 3 == 0 else "hate" if i % 3 == 1 else f"x{i}")
+        for i in range(40)
+    ]
+    engine = FakeEngine()
+    results = await _run_all(engine, BatchPolicy(8, 120, 1000, length_aware), texts)
+    assert max(len(b) for b in engine.batches) > 1
+    alone = FakeEngine()
+    for text, result in zip(texts, results, strict=True):
+        single = alone.predict([text])
+        assert result.label == single.labels[0]
+        assert result.scores == single.scores[0]
+        np.testing.assert_array_equal(result.embedding, single.embeddings[0])
+
+
+async def test_each_text_is_tokenized_once_and_the_engine_gets_the_tokens() -> None:
+    engine = FakeEngine()
+    await _run_all(engine, BatchPolicy(8, 10_000, 5), [f"text {i}" for i in range(20)])
+    # Every batch came with its tokens: the engine never tokenized a text itself.
+    assert engine.tokenized == [len(batch) for batch in engine.batches]
+
+
+async def test_texts_tokenized_by_a_swapped_out_engine_are_tokenized_again() -> None:
+    old, new = FakeEngine("v1"), FakeEngine("v2")
+    batcher = Batcher(old, BatchPolicy(64, 10_000, 10_000))
+    await batcher.start()
+    pending = [asyncio.create_task(batcher.submit(f"t{i}")) for i in range(3)]
+    await asyncio.sleep(0.05)  # tokenized by v1, waiting for a fuller batch
+    await batcher.swap_engine(lambda: new)
+    await batcher.stop()
+    assert {task.result().model.version for task in pending} == {"v2"}
+    assert new.tokenized == [0]  # v2 tokenized them itself
