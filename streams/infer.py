@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from schemas import (
     DecodeError,
     ErrorCode,
@@ -167,7 +170,7 @@ def build_prediction(record: InputRecord, event: TextEvent, result: ItemResult) 
         text=event.text,
         label=result.label,
         scores=result.scores,
-        embedding=[float(x) for x in result.embedding],
+        embedding=float32_values(result.embedding),
         model=ModelRef(model.name, model.version, model.backend, model.precision),
         truncated=result.truncated,
         event_ts=None if event.ts_ms is None else rfc3339_from_ms(event.ts_ms),
@@ -175,3 +178,14 @@ def build_prediction(record: InputRecord, event: TextEvent, result: ItemResult) 
         metadata=event.metadata,
         source=Source(record.topic, record.partition, record.offset),
     )
+
+
+def float32_values(values: npt.NDArray[np.float32]) -> list[float]:
+    """`values` as Python floats rounded to 9 significant digits: exactly the float32 values
+    (9 digits identify any float32), written in ~12 JSON characters instead of ~20 for the
+    float64 expansion of a float32 (a 384-float embedding: ~5 KB instead of ~8 KB)."""
+    x = np.asarray(values, dtype=np.float64)
+    magnitude = np.floor(np.log10(np.abs(x), where=x != 0, out=np.zeros_like(x)))
+    scale = 10.0 ** np.clip(8 - magnitude, 0, 22)
+    rounded: list[float] = (np.rint(x * scale) / scale).tolist()
+    return rounded
