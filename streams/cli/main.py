@@ -126,6 +126,30 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from streams.cli.pipeline_bench import run_pipeline_bench
+
+    return run_pipeline_bench(
+        _settings(args),
+        n=args.n,
+        baseline_n=args.baseline_n,
+        rates=args.rates,
+        latency_events=args.latency_events,
+        baselines=[] if args.no_baselines else ["per-event", "take"],
+        json_path=args.json,
+        png_path=None if args.no_chart else args.png,
+    )
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",")]
@@ -213,6 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--burst", type=int, default=200, help="texts arriving together (200)")
     bench.add_argument("--json", type=Path, default=None)
     bench.set_defaults(handler=cmd_batch_bench)
+
+    benches = sub.add_parser("bench", help="benchmarks of the whole pipeline").add_subparsers(
+        dest="bench", required=True
+    )
+    pipeline = benches.add_parser(
+        "pipeline",
+        help="worker drain, latency under load and user-written torch baselines, in one run",
+    )
+    pipeline.add_argument("--n", type=int, default=3000, help="backlog of real texts (3000)")
+    pipeline.add_argument(
+        "--baseline-n", type=int, default=600, help="backlog for each torch baseline (600)"
+    )
+    pipeline.add_argument(
+        "--rates",
+        type=_float_list,
+        default=[0.25, 0.5, 0.75, 1.0],
+        help="offered load as fractions of the measured drain rate (0.25,0.5,0.75,1)",
+    )
+    pipeline.add_argument(
+        "--latency-events", type=int, default=600, help="events offered per rate, at most (600)"
+    )
+    pipeline.add_argument("--no-baselines", action="store_true", help="skip the torch baselines")
+    pipeline.add_argument("--json", type=Path, default=Path("pipeline-bench.json"))
+    pipeline.add_argument("--png", type=Path, default=Path("pipeline-bench.png"))
+    pipeline.add_argument("--no-chart", action="store_true", help="no PNG (no matplotlib)")
+    pipeline.set_defaults(handler=cmd_bench_pipeline)
 
     try:
         from streams.cli.engine import add_commands

@@ -1,0 +1,66 @@
+"""`inflow bench pipeline` on a tiny configuration: it runs end to end and writes its JSON.
+
+Checks the shape of the report, never its figures (speed is the bench's business).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import TestServices
+from tests.e2e.conftest import ROOT
+
+
+def test_bench_pipeline_runs_on_a_tiny_configuration(
+    services: TestServices, engine_dir: Path, tmp_path: Path
+) -> None:
+    report_path = tmp_path / "bench.json"
+    env = {
+        **os.environ,
+        "INFLOW_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
+        "INFLOW_ES_URL": services.es_url,
+        "INFLOW_ENGINE_DIR": str(engine_dir),
+        "INFLOW_STATE_DIR": str(tmp_path / "state"),
+    }
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "streams.cli.main", "bench", "pipeline",
+            "--n", "40", "--baseline-n", "12", "--rates", "0.5", "--latency-events", "20",
+            "--json", str(report_path), "--png", str(tmp_path / "bench.png"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ratios:" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert set(report["cpu"]) == {"model", "cpus", "flags"}
+    assert report["engine_only"]["texts_per_s"] > 0
+    assert report["engine_only"]["cpu_s_per_text"] > 0
+    assert report["drain"]["events"] == 40
+    assert {"events_per_s", "cpu_s_per_event", "kafka_cores", "search_cores"} <= set(
+        report["drain"]
+    )
+    assert set(report["padding"]) == {"fifo", "length_aware", "worker_drain"}
+    assert report["padding"]["length_aware"] >= 1.0
+    [latency] = report["latency"]
+    assert latency["fraction"] == 0.5
+    assert latency["events"] >= 20
+    assert latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
+    assert [b["name"] for b in report["baselines"]] == ["torch fp32 per-event", "torch fp32 take"]
+    assert all(b["events"] == 12 for b in report["baselines"])
+    for key in (
+        "drain / engine-only texts/s",
+        "worker CPU per event / engine CPU per text",
+        "inflow / torch fp32 per-event events/s",
+        "inflow / torch fp32 take events/s",
+    ):
+        assert key in report["ratios"]
+    assert (tmp_path / "bench.png").stat().st_size > 0
