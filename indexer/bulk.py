@@ -22,7 +22,7 @@ from indexer.actions import (
     encode_action,
     parse_bulk_response,
 )
-from indexer.client import ClientSlot, EsSettings
+from indexer.client import ClientSlot, EsSettings, describe_es_error
 from indexer.errors import IndexRequestError, IndexUnavailable
 from indexer.mapping import DEFAULT_ALIAS, ensure_index, validate_alias
 
@@ -247,12 +247,14 @@ class BulkWriter:
         try:
             response = await es.bulk(operations=operations, **kwargs)
         except TransportError as exc:  # connection refused/reset, timeout, TLS
-            raise _RetriableRequest(f"{type(exc).__name__}: {exc}") from exc
+            raise _RetriableRequest(describe_es_error(exc)) from exc
         except ApiError as exc:
             status = exc.meta.status
             if status == 429 or status >= 500:
-                raise _RetriableRequest(f"HTTP {status}: {exc}") from exc
-            raise IndexRequestError(f"bulk refused: HTTP {status}: {exc}", status=status) from exc
+                raise _RetriableRequest(describe_es_error(exc)) from exc
+            raise IndexRequestError(
+                f"bulk refused: {describe_es_error(exc)}", status=status
+            ) from exc
         finally:
             if self._observer is not None:
                 self._observer.on_bulk_request(time.perf_counter() - started)

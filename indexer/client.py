@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from elasticsearch import AsyncElasticsearch
+from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 
 from indexer.errors import LifecycleError
 
@@ -49,6 +49,62 @@ class EsSettings:
             if self.ca_certs is not None:
                 kwargs["ca_certs"] = self.ca_certs
         return AsyncElasticsearch(self.url, **kwargs)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps (the transport's `errors`, causes, contexts): a TLS failure's
+    reason sits a few levels down, under a `TlsError('TLS error')`."""
+    found: list[BaseException] = []
+    stack = [exc]
+    while stack and len(found) < 20:
+        current = stack.pop()
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        stack.extend(e for e in getattr(current, "errors", ()) if isinstance(e, BaseException))
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return found
+
+
+def describe_es_error(exc: BaseException) -> str:
+    """One line saying why a request to Elasticsearch failed, naming the setting to check.
+
+    Never the response body as is (a TLS-terminating proxy answers HTML) and never a secret:
+    the client's errors hold neither the API key nor the password.
+    """
+    if isinstance(exc, ApiError):
+        status = exc.meta.status
+        if status in (401, 403):
+            return (
+                f"Elasticsearch refused the credentials (HTTP {status}): check INFLOW_ES_API_KEY "
+                "or INFLOW_ES_USERNAME/INFLOW_ES_PASSWORD"
+            )
+        body = exc.body
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            reason = str(body["error"].get("type") or body["error"].get("reason") or "")
+        else:
+            reason = str(exc.message)
+        return f"Elasticsearch answered HTTP {status}: {_one_line(reason)}"
+    if isinstance(exc, TransportError):
+        causes = _causes(exc)
+        text = " ".join(str(e) for e in causes)
+        if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+            return (
+                "TLS: the Elasticsearch server's certificate is not trusted: check "
+                "INFLOW_ES_CA_CERTS (unknown CA?)"
+            )
+        if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+            return "TLS: the server does not speak HTTPS there: check INFLOW_ES_URL's scheme"
+        if any(isinstance(e, ConnectionRefusedError) for e in causes):
+            return "Elasticsearch unreachable: connection refused (INFLOW_ES_URL)"
+        inner = next((e for e in reversed(causes) if str(e)), exc)
+        return f"Elasticsearch unreachable ({type(exc).__name__}): {_one_line(str(inner), 160)}"
+    return f"{type(exc).__name__}: {_one_line(str(exc))}"
 
 
 class ClientSlot:

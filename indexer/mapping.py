@@ -11,6 +11,7 @@ from typing import Any
 
 from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 
+from indexer.client import describe_es_error
 from indexer.errors import IndexSetupError
 
 DEFAULT_ALIAS = "inflow-predictions"
@@ -137,9 +138,5 @@ async def index_problem(es: AsyncElasticsearch, alias: str = DEFAULT_ALIAS) -> s
         if await es.indices.exists_alias(name=alias):
             return None
         return f"alias {alias!r} does not exist yet"
-    except ApiError as exc:
-        if exc.meta.status in (401, 403):
-            return f"Elasticsearch refused the credentials ({exc.meta.status}): check the API key"
-        return f"Elasticsearch answered {exc.meta.status}: {_error_type(exc)}"
-    except TransportError as exc:
-        return f"Elasticsearch unreachable: {type(exc).__name__}"
+    except (ApiError, TransportError) as exc:
+        return describe_es_error(exc)

@@ -12,7 +12,7 @@ from typing import Any, Literal, Self
 
 from elasticsearch import ApiError, AsyncElasticsearch, TransportError
 
-from indexer.client import ClientSlot, EsSettings
+from indexer.client import ClientSlot, EsSettings, describe_es_error
 from indexer.errors import IndexRequestError, IndexUnavailable
 from indexer.mapping import (
     DEFAULT_ALIAS,
@@ -486,9 +486,10 @@ class Searcher:
 
 def _translate(exc: TransportError | ApiError) -> IndexUnavailable | IndexRequestError:
     """Client errors as the indexer's typed errors: retriable ones as ``IndexUnavailable``."""
+    reason = describe_es_error(exc)
     if isinstance(exc, TransportError):
-        return IndexUnavailable(f"{type(exc).__name__}: {exc}", attempts=1, pending_ids=[])
+        return IndexUnavailable(reason, attempts=1, pending_ids=[])
     status = exc.meta.status
     if status == 429 or status >= 500:
-        return IndexUnavailable(f"HTTP {status}: {exc}", attempts=1, pending_ids=[])
-    return IndexRequestError(f"search refused: HTTP {status}: {exc}", status=status)
+        return IndexUnavailable(reason, attempts=1, pending_ids=[])
+    return IndexRequestError(f"search refused: {reason}", status=status)

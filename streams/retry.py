@@ -25,11 +25,13 @@ async def retry_forever(
     cap_s: float = 10.0,
     max_attempts: int | None = None,
     on_retry: Callable[[int, BaseException], object] | None = None,
+    describe: Callable[[BaseException], str] = str,
 ) -> T:
     """Retry `call` on any exception until it succeeds (or `max_attempts` is reached).
 
     Used where giving up would lose data (publishing a prediction or a dead letter): the
-    input offset stays uncommitted meanwhile, so a crash replays the record instead.
+    input offset stays uncommitted meanwhile, so a crash replays the record instead. Each
+    failure is one log line with the attempt count; `describe` turns the error into that line.
     """
     attempt = 0
     while True:
@@ -42,7 +44,9 @@ async def retry_forever(
             if max_attempts is not None and attempt >= max_attempts:
                 raise
             delay = min(cap_s, base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            log.warning("%s failed (attempt %d, retry in %.1fs): %s", what, attempt, delay, exc)
+            log.warning(
+                "%s failed (attempt %d, retry in %.1fs): %s", what, attempt, delay, describe(exc)
+            )
             if on_retry is not None:
                 on_retry(attempt, exc)
             await asyncio.sleep(delay)
