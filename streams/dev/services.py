@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -698,29 +698,10 @@ class DevServices:
         properties.write_text(
             _server_properties(port=port, controller_port=controller_port, data_dir=data_dir)
         )
-        java = shutil.which("java") or "java"
-        classpath = f"{libs}/*"
         log = self.log_dir / "kafka.log"
-        fmt = subprocess.run(
-            [
-                java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-                "--cluster-id", _kafka_cluster_id(), "--config", str(properties),
-            ],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if fmt.returncode != 0:
-            detail = (fmt.stderr or fmt.stdout).strip().splitlines()[-1:]
-            raise DevError(f"Kafka storage format failed: {' '.join(detail)}")
-        heap = os.environ.get("INFLOW_KAFKA_HEAP", "-Xms256m -Xmx1g").split()
-        cmd = [
-            java, *heap, "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={kafka_log4j_config()}",
-            "-cp", classpath, "kafka.Kafka", str(properties),
-        ]  # fmt: skip
         self.progress(f"starting Apache Kafka {self.kafka_version} on {LOOPBACK}:{port}")
-        proc = _spawn(cmd, log)
         bootstrap = f"{LOOPBACK}:{port}"
-        _wait_until(lambda: kafka_ready(bootstrap), proc, "Apache Kafka", log, 90)
+        proc = launch_apache_kafka(libs, properties, log, bootstrap)
         record = ServiceRecord(
             "kafka", "apache-kafka", proc.pid, str(properties), bootstrap, self.kafka_version,
             str(log),
@@ -728,6 +709,51 @@ class DevServices:
         self._save(record)
         self.progress(f"broker: {record.description}, pid {proc.pid}")
         return record
+
+    def save_record(self, record: ServiceRecord) -> None:
+        """Keep a PID file for a process started outside `up` (a test's own broker), so what
+        runs can be found and stopped by PID (`stop_service`)."""
+        self._save(record)
+
+
+def launch_apache_kafka(
+    libs: Path,
+    properties: Path,
+    log: Path,
+    probe_bootstrap: str,
+    *,
+    format_args: Sequence[str] = (),
+    timeout_s: float = 90,
+) -> subprocess.Popen[bytes]:
+    """Format KRaft storage for `properties` and start the broker; return once a metadata
+    request to `probe_bootstrap` (a PLAINTEXT listener) succeeds. `format_args` go to
+    `kafka-storage format` (e.g. `--add-scram` for SCRAM users)."""
+    java = shutil.which("java") or "java"
+    classpath = f"{libs}/*"
+    fmt = subprocess.run(
+        [
+            java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
+            "--cluster-id", _kafka_cluster_id(), "--config", str(properties), *format_args,
+        ],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if fmt.returncode != 0:
+        detail = (fmt.stderr or fmt.stdout).strip().splitlines()[-1:]
+        raise DevError(f"Kafka storage format failed: {' '.join(detail)}")
+    heap = os.environ.get("INFLOW_KAFKA_HEAP", "-Xms256m -Xmx1g").split()
+    cmd = [
+        java, *heap, "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={kafka_log4j_config()}",
+        "-cp", classpath, "kafka.Kafka", str(properties),
+    ]  # fmt: skip
+    proc = _spawn(cmd, log)
+    _wait_until(lambda: kafka_ready(probe_bootstrap), proc, "Apache Kafka", log, timeout_s)
+    return proc
+
+
+def stop_service(record: ServiceRecord) -> None:
+    """Stop a process we started, by its PID, once sure the PID still runs our command."""
+    _stop_pid(record.pid, record.marker)
 
 
 def _with_port_retries(start: Callable[[int], ServiceRecord], port: int) -> ServiceRecord:
@@ -802,6 +828,14 @@ def _elasticsearch_yml(*, home: Path, http_port: int, transport_port: int) -> st
 
 
 def _server_properties(*, port: int, controller_port: int, data_dir: Path) -> str:
+    settings = kafka_server_properties(
+        port=port, controller_port=controller_port, data_dir=data_dir
+    )
+    return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+def kafka_server_properties(*, port: int, controller_port: int, data_dir: Path) -> dict[str, str]:
+    """The single-node KRaft settings of the dev broker (a PLAINTEXT listener on `port`)."""
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -825,4 +859,4 @@ def _server_properties(*, port: int, controller_port: int, data_dir: Path) -> st
         "num.io.threads": "4",
         "log.retention.hours": "24",
     }
-    return "".join(f"{key}={value}\n" for key, value in settings.items())
+    return settings
