@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from typing import Any
 
 import faust
-from faust.types.auth import SASLMechanism
 
 from engines.errors import EngineError
 from engines.registry import Registry
 from indexer import BulkWriter, EsSettings, Searcher, ensure_index, index_problem
+from indexer.client import describe_es_error
 from streams.batcher import Batcher, BatchPolicy
 from streams.config import Settings
 from streams.health import WorkerHealth
 from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
-from streams.kafka import client_options
+from streams.kafka import client_options, faust_credentials
 from streams.lag import ConsumerLag, LagUnavailable
 from streams.metrics import Metrics
 from streams.retry import retry_forever
@@ -41,28 +40,6 @@ def es_settings(settings: Settings) -> EsSettings:
         verify_certs=settings.es_verify_certs,
         ca_certs=settings.es_ca_certs or None,
     )
-
-
-def kafka_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
-    protocol = settings.kafka_security_protocol
-    context = None
-    if settings.uses_tls:
-        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
-    if protocol.startswith("SASL"):
-        mechanism = {
-            "PLAIN": SASLMechanism.PLAIN,
-            "SCRAM-SHA-256": SASLMechanism.SCRAM_SHA_256,
-            "SCRAM-SHA-512": SASLMechanism.SCRAM_SHA_512,
-        }[settings.kafka_sasl_mechanism]
-        return faust.SASLCredentials(
-            username=settings.kafka_sasl_username,
-            password=str(settings.kafka_sasl_password),
-            mechanism=mechanism,
-            ssl_context=context,
-        )
-    if context is not None:
-        return faust.SSLCredentials(context)
-    return None
 
 
 class _FaustPublisher:
@@ -95,7 +72,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
-        broker_credentials=kafka_credentials(settings),
+        broker_credentials=faust_credentials(settings),
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=settings.topic_partitions,
@@ -111,6 +88,9 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.web_port,
+        # Faust's own pages (/router, /table/...) are not ours to expose.
+        web_router_enabled=False,
+        web_tables_enabled=False,
         store="memory://",
         datadir=str(datadir / settings.app_id),
         logging_config=None,
@@ -190,8 +170,10 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
             base_s=1.0,
             cap_s=15.0,
             on_retry=lambda _attempt, exc: health.set(
-                "elasticsearch", f"cannot set up alias {settings.es_alias}: {exc}"
+                "elasticsearch",
+                f"cannot set up alias {settings.es_alias}: {describe_es_error(exc)}",
             ),
+            describe=describe_es_error,
         )
         health.set("elasticsearch", None)
         await writer.start()

@@ -48,6 +48,10 @@ class Settings:
     kafka_sasl_username: str = ""
     kafka_sasl_password: Secret = NO_SECRET
     kafka_ssl_cafile: str = ""
+    # A client certificate for listeners that require one (SSL with ssl.client.auth=required)
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    kafka_ssl_key_password: Secret = NO_SECRET
 
     # Elasticsearch auth
     es_api_key: Secret = NO_SECRET
@@ -83,6 +87,15 @@ class Settings:
     # Worker web server (health, metrics, search views)
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    # /search and /similar: on the web server above, or on their own server when search_port
+    # is set (>= 0; 0 picks a free port); the web server then keeps /metrics and /health/*.
+    search_host: str = ""  # default: web_host
+    search_port: int = -1
+    # API keys for the search views, stored hashed: "ID:SHA256HEX[,ID:SHA256HEX...]" (several
+    # at once for rotation; `inflow web-key` makes one). Off loopback the search views refuse
+    # every request without a valid key unless web_allow_anonymous says otherwise.
+    web_api_keys: str = ""
+    web_allow_anonymous: bool = False
     engine_poll_s: float = 2.0  # how often the worker looks for a newly activated engine
     health_poll_s: float = 5.0  # how often Elasticsearch and the consumer lag are probed
     # /health/live fails when a partition has lag but its committed offset stood still this long
@@ -134,6 +147,15 @@ class Settings:
             raise ConfigError("INFLOW_HEALTH_POLL_S and INFLOW_STALL_AFTER_S must be positive")
         if not 0 <= self.web_port <= 65535:
             raise ConfigError("INFLOW_WEB_PORT must be a TCP port (0-65535)")
+        if not -1 <= self.search_port <= 65535:
+            raise ConfigError("INFLOW_SEARCH_PORT must be a TCP port (0-65535), or -1 for none")
+        from streams.auth import ApiKeys  # here: streams.auth imports this module
+
+        ApiKeys.parse(self.web_api_keys)  # raises ConfigError naming the variable
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ConfigError(
+                "INFLOW_KAFKA_SSL_CERTFILE and INFLOW_KAFKA_SSL_KEYFILE go together: set both"
+            )
         if self.kafka_security_protocol not in SECURITY_PROTOCOLS:
             raise ConfigError(
                 f"INFLOW_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(SECURITY_PROTOCOLS)}"

@@ -9,7 +9,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streams.config import Settings
 from streams.errors import KafkaUnavailable
-from streams.kafka import admin_client
+from streams.kafka import admin_client, connection_problem, describe_connection_error
 
 
 def topic_names(settings: Settings) -> list[str]:
@@ -57,8 +57,19 @@ def ensure_topics_sync(settings: Settings) -> list[str]:
     try:
         return asyncio.run(asyncio.wait_for(ensure_topics(settings), timeout=60))
     except (KafkaError, TimeoutError, OSError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KafkaUnavailable(
-            f"cannot reach Kafka at {settings.kafka_bootstrap} ({detail}): check "
-            "INFLOW_KAFKA_BOOTSTRAP and the broker, or run `inflow dev up`"
-        ) from None
+        raise kafka_unavailable(settings, exc) from None
+
+
+def kafka_unavailable(settings: Settings, exc: BaseException) -> KafkaUnavailable:
+    """A one-line error naming why Kafka cannot be used: a fresh connection attempt names the
+    cause (TLS, SASL, listener) that the client's own error does not."""
+    try:
+        problem = asyncio.run(connection_problem(settings))
+    except RuntimeError:  # called inside a running loop
+        problem = None
+    if problem is None:
+        problem = describe_connection_error(settings, exc)
+    return KafkaUnavailable(
+        f"cannot reach Kafka at {settings.kafka_bootstrap} "
+        f"({settings.kafka_security_protocol}): {problem}"
+    )

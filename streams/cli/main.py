@@ -97,6 +97,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_web_key(args: argparse.Namespace) -> int:
+    from streams.auth import new_key
+
+    key, entry = new_key(args.key_id)
+    print(f"key (give it to the client; it is not stored anywhere): {key}")
+    print(f"entry (append to INFLOW_WEB_API_KEYS, comma-separated): {entry}")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from streams.topics import ensure_topics_sync
 
@@ -221,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true")
     search.set_defaults(handler=cmd_search)
 
+    web_key = sub.add_parser(
+        "web-key", help="make an API key for the search views and its hashed settings entry"
+    )
+    web_key.add_argument("key_id", help="a name for the key (audit lines carry it)")
+    web_key.set_defaults(handler=cmd_web_key)
+
     topics = sub.add_parser("topics", help="create Inflow's topics when missing")
     topics.add_argument("--partitions", type=int, default=None)
     topics.set_defaults(handler=cmd_topics)
@@ -287,6 +302,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from streams.errors import InflowError
 
     errors.append(InflowError)
+    try:
+        from indexer.errors import IndexerError
+    except ImportError:
+        pass
+    else:
+        errors.append(IndexerError)
     return tuple(errors)
 
 

@@ -9,11 +9,13 @@ from collections.abc import Iterable, Iterator
 from typing import IO
 
 import msgspec
+from aiokafka.errors import KafkaError
 
 from schemas import encode_event
 from streams.config import Settings
 from streams.errors import InflowError
 from streams.kafka import producer
+from streams.topics import kafka_unavailable
 
 
 def events_from_lines(lines: Iterable[str], fmt: str) -> Iterator[tuple[bytes | None, bytes]]:
@@ -42,7 +44,11 @@ async def produce(
     settings: Settings, records: Iterable[tuple[bytes | None, bytes]], topic: str
 ) -> int:
     client = producer(settings)
-    await client.start()
+    try:
+        await client.start()
+    except BaseException:
+        await client.stop()  # a failed start leaves its connections and tasks behind
+        raise
     sent = 0
     try:
         pending = []
@@ -73,6 +79,8 @@ def produce_file(
         if key == "none":
             records = ((None, value) for _, value in records)
         return asyncio.run(produce(settings, records, topic or settings.texts_topic))
+    except (KafkaError, OSError) as exc:
+        raise kafka_unavailable(settings, exc) from None
     finally:
         if stream is not sys.stdin:
             stream.close()
