@@ -20,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from engines.build.data import sample_texts
 from engines.registry import Registry
 from schemas import encode_event
+from streams.dev.services import free_port
 from tests.e2e.conftest import ROOT, Names, Worker, WorkerFactory, read_topic
 from tests.e2e.test_pipeline import _produce
 
@@ -235,3 +236,24 @@ async def test_live_fails_when_the_consumer_stalls_with_lag(
     assert f"{names.texts}[" in str(body["reason"]) and "no progress" in str(body["reason"]), body
     ready = await asyncio.to_thread(worker.probe, "/health/ready")
     assert ready is not None and ready[0] == 200, "its dependencies are fine: only live fails"
+
+
+async def test_a_worker_waits_not_ready_until_kafka_answers(
+    workers: WorkerFactory, kafka_bootstrap: str
+) -> None:
+    host, _, port = kafka_bootstrap.rpartition(":")
+    proxy = TcpProxy((host, int(port)))  # Kafka "down" for this worker until the proxy is up
+    proxy.port = free_port()
+    worker = workers.start(wait_ready=False, INFLOW_KAFKA_BOOTSTRAP=f"127.0.0.1:{proxy.port}")
+    try:
+        _status, body = await _until(worker, "/health/ready", lambda s, _: s == 503, 60)
+        checks = body["checks"]
+        assert isinstance(checks, dict) and "cannot reach Kafka" in str(checks["kafka"]), body
+        live = await asyncio.to_thread(worker.probe, "/health/live")
+        assert live is not None and live[0] == 200, live
+        proxy.up()
+        await _until(worker, "/health/ready", lambda s, _: s == 200, 120)
+    finally:
+        proxy.down()
+    assert worker.proc.poll() is None
+    assert "attempt 1;" in worker.log.read_text()

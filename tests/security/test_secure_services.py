@@ -22,6 +22,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -256,8 +257,8 @@ WRONG_KAFKA = {
 def test_wrong_kafka_credentials_are_one_line_errors(
     secure_kafka: SecureKafka, pki: Pki, tmp_path: Path, engine_dir: Path
 ) -> None:
-    """`inflow produce` fails with one line naming the cause, no traceback, for each case; the
-    worker too (it checks the connection before anything else and exits 2)."""
+    """`inflow produce` fails with one line naming the cause, no traceback, for each case; a
+    worker stays up, not ready, and says why on /health/ready and in its log."""
     for case, (changes, expected) in WRONG_KAFKA.items():
         filled = {
             k: v.format(other_ca=pki.other_ca, ssl=secure_kafka.ssl) for k, v in changes.items()
@@ -267,25 +268,57 @@ def test_wrong_kafka_credentials_are_one_line_errors(
         assert expected in line, (case, line)
         assert secure_kafka.password not in line
 
+    # The worker does not exit: it stays up, not ready, says why on /health/ready and in one
+    # log line per attempt (with backoff), and stops cleanly on SIGTERM.
+    port = free_port()
     env = {
         **_base_env(tmp_path),
         **_kafka_env(secure_kafka, pki, INFLOW_KAFKA_SASL_PASSWORD="not-the-password"),
         "INFLOW_ES_URL": "https://127.0.0.1:9",
         "INFLOW_ENGINE_DIR": str(engine_dir),
     }
-    worker = subprocess.run(
-        [sys.executable, "-m", "streams.cli.main", "worker", "--web-port", str(free_port())],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert worker.returncode == 2, worker.stderr[-2000:]
-    output = worker.stdout + worker.stderr
+    log = tmp_path / "worker-wrong-password.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli.main", "worker", "--web-port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        ready = live = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and ready is None:
+            ready = _get_json(f"http://127.0.0.1:{port}/health/ready")
+            time.sleep(0.5)
+        assert ready is not None, log.read_text()[-2000:]
+        live = _get_json(f"http://127.0.0.1:{port}/health/live")
+        assert live is not None and live[0] == 200, live
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    status, body = ready
+    assert status == 503, body
+    assert "authentication failed for user 'inflow'" in str(body["checks"]["kafka"]), body
+    assert code == 0, log.read_text()[-2000:]
+    output = log.read_text()
     assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("inflow: error:")]
-    assert len(errors) == 1 and "authentication failed for user 'inflow'" in errors[0], output
+    errors = [line for line in output.splitlines() if " ERROR inflow.worker: " in line]
+    assert errors and all("authentication failed for user 'inflow'" in e for e in errors), output
+    assert "attempt 1;" in errors[0], errors
+    assert secure_kafka.password not in output and "not-the-password" not in output
+
+
+def _get_json(url: str) -> tuple[int, dict[str, Any]] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------- the whole flow
