@@ -74,6 +74,8 @@ def open_engine(
         version=manifest.version,
         backend=manifest.backend,
         precision=manifest.precision,
+        task=manifest.task,
+        embedding_dim=manifest.embedding_dim,
     )
     engine = LoadedEngine(tokenizer, backend, identity, manifest.labels)
     if warmup:

@@ -86,6 +86,9 @@ class Manifest:
     reason: str = ""  # why it was rejected (one line), empty when accepted
     extra: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
+    # Manifests written before these fields existed are the default classifier's.
+    task: str = "classification"  # "classification" | "embedding"
+    embedding_dim: int = 384
 
     @property
     def accepted(self) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 
 from engines.backends.base import Backend
 from engines.tokenize import Tokenizer
-from engines.types import EMBEDDING_DIM, BatchResult, ModelIdentity, TokenizedText
+from engines.types import BatchResult, ModelIdentity, TokenizedText
 
 WARMUP_TEXTS = (
     "warm-up",
@@ -72,7 +72,7 @@ class LoadedEngine:
     def run_raw(
         self, texts: Sequence[str], tokens: Sequence[TokenizedText] | None = None
     ) -> tuple[np.ndarray, np.ndarray, list[bool]]:
-        """(probs [n, labels], embeddings [n, 384], truncated) in input order; `tokens` is
+        """(probs [n, labels], embeddings [n, width], truncated) in input order; `tokens` is
         `tokenize(texts)` when the caller already has it (then no text is tokenized again)."""
         backend = self._require()
         n = len(texts)
@@ -80,7 +80,7 @@ class LoadedEngine:
             raise ValueError(f"{len(tokens)} tokenized texts for {n} texts")
         probs = np.zeros((n, len(self.labels)), dtype=np.float32)
         if n == 0:
-            return probs, np.zeros((0, EMBEDDING_DIM), dtype=np.float32), []
+            return probs, np.zeros((0, self._identity.embedding_dim), dtype=np.float32), []
         emb: np.ndarray | None = None
         items = list(tokens) if tokens is not None else self._tokenizer.tokenize(texts)
         cap = backend.max_batch_size
@@ -94,6 +94,11 @@ class LoadedEngine:
                 enc = self._tokenizer.pad([items[i] for i in idx])
                 p, e = backend.run(enc.input_ids, enc.attention_mask)
                 if emb is None:
+                    if e.shape[1] != self._identity.embedding_dim:
+                        raise ValueError(
+                            f"engine {self._identity.version} made {e.shape[1]}-wide embeddings, "
+                            f"its manifest says {self._identity.embedding_dim}: rebuild it"
+                        )
                     emb = np.zeros((n, e.shape[1]), dtype=np.float32)
                 probs[idx] = p
                 emb[idx] = e
@@ -107,6 +112,10 @@ class LoadedEngine:
     ) -> BatchResult:
         probs, emb, truncated = self.run_raw(texts, tokens)
         labels = self.labels
+        if not labels:  # an embedder: no label, no scores
+            return BatchResult(
+                [None] * len(texts), [{}] * len(texts), emb, truncated, self._identity
+            )
         top = probs.argmax(axis=1) if len(texts) else np.zeros(0, dtype=np.int64)
         scores = [{label: float(p) for label, p in zip(labels, row, strict=True)} for row in probs]
         return BatchResult(

@@ -48,8 +48,8 @@ class Tokenizer:
         tok.enable_truncation(max_length=max_seq_len)
         self._tok = tok
         self.max_seq_len = max_seq_len
-        pad = tok.token_to_id("[PAD]")
-        self.pad_id = 0 if pad is None else int(pad)
+        pad = next((i for t in ("[PAD]", "<pad>") if (i := tok.token_to_id(t)) is not None), None)
+        self.pad_id = 0 if pad is None else int(pad)  # BERT [PAD] 0, MPNet <pad> 1
 
     def tokenize(self, texts: Sequence[str]) -> list[TokenizedText]:
         """Token ids of each text (truncated, unpadded)."""

@@ -13,7 +13,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-EMBEDDING_DIM = 384
+EMBEDDING_DIM = 384  # the default model's width; an engine's own is ModelIdentity.embedding_dim
+TASK_CLASSIFICATION = "classification"  # label + scores + embedding
+TASK_EMBEDDING = "embedding"  # embedding only (a sentence embedder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,8 @@ class ModelIdentity:
     version: str  # registry version, e.g. "v3-onnxruntime-int8-1a2b3c4d"
     backend: str  # "onnxruntime" | "tensorrt" | "torch"
     precision: str  # "fp32" | "fp16" | "int8"
+    task: str = TASK_CLASSIFICATION  # "classification" | "embedding"
+    embedding_dim: int = EMBEDDING_DIM  # the width of every embedding this engine makes
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +45,9 @@ class TokenizedText:
 class BatchResult:
     """Results keyed by position in the input batch."""
 
-    labels: list[str]
-    scores: list[dict[str, float]]  # label -> probability, sums to 1
-    embeddings: npt.NDArray[np.float32]  # shape (n, EMBEDDING_DIM), L2-normalised rows
+    labels: list[str | None]  # None for every text of an embedding engine
+    scores: list[dict[str, float]]  # label -> probability, sums to 1; {} for an embedder
+    embeddings: npt.NDArray[np.float32]  # shape (n, model.embedding_dim), L2-normalised rows
     truncated: list[bool]  # True where the text was cut to the engine's max sequence length
     model: ModelIdentity
 

@@ -54,7 +54,7 @@ class BatchCost:
 class ItemResult:
     """One text's answer, with where its time went."""
 
-    label: str
+    label: str | None  # None from an embedding engine
     scores: dict[str, float]
     embedding: npt.NDArray[np.float32]
     truncated: bool

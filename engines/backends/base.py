@@ -2,8 +2,8 @@
 
 The serving graph is the same for all runtimes (see `engines/export.py`):
   inputs : input_ids int64 [batch, seq], attention_mask int64 [batch, seq]
-  outputs: probs float32 [batch, num_labels] (softmax),
-           embedding float32 [batch, 384] (mean-pooled, L2-normalised)
+  outputs: probs float32 [batch, num_labels] (softmax; absent for an embedder, whose
+           backend returns [batch, 0]), embedding float32 [batch, width]
 A backend receives already-tokenized, already-padded arrays and returns both outputs,
 row i answering input row i. It never tokenizes, batches or queues: that is the router's job.
 """
@@ -39,7 +39,7 @@ class Backend(Protocol):
     def run(
         self, input_ids: Int64Array, attention_mask: Int64Array
     ) -> tuple[Float32Array, Float32Array]:
-        """Return (probs [n, num_labels], embedding [n, 384]) as float32 host arrays."""
+        """Return (probs [n, num_labels], embedding [n, width]) as float32 host arrays."""
         ...
 
     def close(self) -> None: ...

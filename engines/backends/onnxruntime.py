@@ -100,6 +100,12 @@ class OnnxRuntimeBackend:
             raise EngineLoadError(
                 f"{model_path} is not a serving graph (inputs {names}): rebuild the engine"
             )
+        outputs = [o.name for o in self._session.get_outputs()]
+        if "embedding" not in outputs or not set(outputs) <= {"probs", "embedding"}:
+            raise EngineLoadError(
+                f"{model_path} is not a serving graph (outputs {outputs}): rebuild the engine"
+            )
+        self._outputs = ["probs", "embedding"] if "probs" in outputs else ["embedding"]
         self.intra_op_threads = opts.intra_op_num_threads
 
     @property
@@ -114,14 +120,17 @@ class OnnxRuntimeBackend:
         self, input_ids: Int64Array, attention_mask: Int64Array
     ) -> tuple[Float32Array, Float32Array]:
         check_batch_shape(input_ids, self._max_batch, self._max_seq)
-        probs, embedding = self._session.run(
-            ["probs", "embedding"],
+        out = self._session.run(
+            self._outputs,
             {
                 "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
             },
         )
-        return np.asarray(probs, dtype=np.float32), np.asarray(embedding, dtype=np.float32)
+        embedding = np.asarray(out[-1], dtype=np.float32)
+        if len(out) == 1:  # an embedder's graph
+            return np.zeros((embedding.shape[0], 0), dtype=np.float32), embedding
+        return np.asarray(out[0], dtype=np.float32), embedding
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]

@@ -23,12 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import BuildError
-from engines.modeldir import EXPORT_SUBDIR, ModelInfo, read_model
+from engines.modeldir import (
+    TASK_EMBEDDING,
+    ModelInfo,
+    attention_heads,
+    hidden_size,
+    read_model,
+)
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("probs", "embedding")
 OPSET = 17
-EXPORT_FORMAT = 4  # bump to invalidate cached exports when the recipe changes
+EXPORT_FORMAT = 5  # bump to invalidate cached exports when the recipe changes
 INT8_SETTINGS: dict[str, Any] = {
     "op_types_to_quantize": ["MatMul", "Attention"],
     "per_channel": True,
@@ -118,11 +124,14 @@ def name_outputs(graph: Any, wanted: tuple[str, ...] = OUTPUT_NAMES) -> None:
             _rename(graph, old, new)
 
 
-def export_module(module: Any, out_path: Path, opset: int = OPSET) -> Path:
-    """Export a `ServingModel`-like module to one self-contained ONNX file.
+def export_module(
+    module: Any, out_path: Path, opset: int = OPSET, outputs: tuple[str, ...] = OUTPUT_NAMES
+) -> Path:
+    """Export a serving module to one self-contained ONNX file.
 
-    Inputs input_ids/attention_mask int64 [batch, seq] (both axes dynamic);
-    outputs probs [batch, num_labels], embedding [batch, hidden].
+    Inputs input_ids/attention_mask int64 [batch, seq] (both axes dynamic); outputs
+    probs [batch, num_labels] and embedding [batch, hidden], or (`outputs=("embedding",)`,
+    a module returning one tensor) embedding alone.
     """
     import onnx
     import torch
@@ -144,12 +153,11 @@ def export_module(module: Any, out_path: Path, opset: int = OPSET) -> Path:
                     (ids, mask),
                     str(raw),
                     input_names=list(INPUT_NAMES),
-                    output_names=["serving_probs_out", "serving_embedding_out"],
+                    output_names=[f"serving_{name}_out" for name in outputs],
                     dynamic_axes={
                         "input_ids": {0: "batch", 1: "seq"},
                         "attention_mask": {0: "batch", 1: "seq"},
-                        "serving_probs_out": {0: "batch"},
-                        "serving_embedding_out": {0: "batch"},
+                        **{f"serving_{name}_out": {0: "batch"} for name in outputs},
                     },
                     opset_version=opset,
                     dynamo=False,
@@ -158,7 +166,7 @@ def export_module(module: Any, out_path: Path, opset: int = OPSET) -> Path:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise BuildError(f"ONNX export failed: {first}") from exc
         proto = onnx.load(str(raw), load_external_data=True)
-        name_outputs(proto.graph)
+        name_outputs(proto.graph, outputs)
         onnx.checker.check_model(proto)
         staged = Path(tmp) / "model.onnx"
         onnx.save_model(proto, str(staged), save_as_external_data=False)
@@ -264,7 +272,7 @@ def export_model(
             "(fp16 engines are built by TensorRT from the fp32 ONNX)"
         )
     variant = "fp32-fused" if precision == "fp32" and fused else precision
-    out_dir = info.path / EXPORT_SUBDIR
+    out_dir = info.export_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{variant}.onnx"
     stamp = _stamp(info, variant)
@@ -272,18 +280,27 @@ def export_model(
         return out
     say = print if progress else (lambda *_a: None)
     if variant == "fp32":
-        from engines.build.model import load_serving_model
+        from engines.build.model import EmbeddingOnly, load_serving_model
 
         say(f"exporting {info.name} ({info.short_hash}) to ONNX fp32 ...")
-        export_module(load_serving_model(info), out)
+        module = load_serving_model(info)
+        if info.task == TASK_EMBEDDING:
+            export_module(EmbeddingOnly(module), out, outputs=("embedding",))
+        else:
+            export_module(module, out)
     elif variant == "fp32-fused":
         plain = export_model(info, "fp32", progress)
         say(f"fusing {info.name} ({info.short_hash}) for onnxruntime ...")
         config = json.loads((info.encoder_path() / "config.json").read_text())
-        stats = fuse_for_onnxruntime(
-            plain, out, int(config["num_attention_heads"]), int(config["hidden_size"])
-        )
-        say("  fused: " + ", ".join(f"{op} x{n}" for op, n in sorted(stats.items())))
+        try:
+            stats = fuse_for_onnxruntime(plain, out, attention_heads(config), hidden_size(config))
+        except BuildError as exc:
+            # Fusion is a speed-up, not a requirement: encoders it does not recognise run
+            # the plain graph of standard ops.
+            say(f"  not fused ({exc}): using the plain graph")
+            shutil.copyfile(plain, out)
+        else:
+            say("  fused: " + ", ".join(f"{op} x{n}" for op, n in sorted(stats.items())))
     else:
         fp32 = export_model(info, "fp32", progress, fused=True)
         say(f"quantizing {info.name} ({info.short_hash}) to INT8 ...")
@@ -294,4 +311,4 @@ def export_model(
 
 def clear_cache(model: Path | ModelInfo) -> None:
     info = model if isinstance(model, ModelInfo) else read_model(Path(model))
-    shutil.rmtree(info.path / EXPORT_SUBDIR, ignore_errors=True)
+    shutil.rmtree(info.export_dir, ignore_errors=True)

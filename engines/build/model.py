@@ -1,8 +1,13 @@
-"""The serving graph in torch: encoder -> masked mean pooling -> L2 norm -> linear head -> softmax.
+"""The serving graph in torch, one module per model kind (see `engines/modeldir.py`):
+  head        encoder -> masked mean pooling -> L2 norm -> linear head -> softmax
+  classifier  a Hugging Face sequence classifier: softmax(logits), and the masked mean of
+              its last hidden state (L2-normalised) as the embedding
+  embedder    a sentence-transformers encoder with its pooling (mean, cls or max) and its
+              Normalize module when it has one; probs has zero columns
 
-`ServingModel.forward(input_ids, attention_mask) -> (probs, embedding)` is exactly the
-contract in `engines/backends/base.py`; ONNX export, the torch backend and the parity
-reference all use this one module. Imports torch and transformers: never import this
+`forward(input_ids, attention_mask) -> (probs, embedding)` is exactly the contract in
+`engines/backends/base.py`; ONNX export, the torch backend and the parity reference all use
+these modules. Imports torch and transformers: never import this
 from the onnxruntime serving path.
 """
 
@@ -18,7 +23,7 @@ from torch import nn
 
 from engines.assets import set_offline
 from engines.errors import ModelNotFound
-from engines.modeldir import HEAD_FILE, ModelInfo, read_model
+from engines.modeldir import HEAD_FILE, KIND_CLASSIFIER, KIND_EMBEDDER, ModelInfo, read_model
 from engines.types import EMBEDDING_DIM
 
 
@@ -99,11 +104,112 @@ class ServingModel(nn.Module):
         self.head.load_state_dict(state)
 
 
+def _encoder_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """token_type_ids (zeros) for encoders that take them (BERT), none for DistilBERT/MPNet."""
+    config = getattr(model, "config", None)
+    if int(getattr(config, "type_vocab_size", 0) or 0) > 0:
+        return {"token_type_ids": torch.zeros_like(input_ids)}
+    return {}
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        mask = attention_mask.unsqueeze(-1).to(torch.bool)
+        filled = hidden.masked_fill(~mask, torch.finfo(hidden.dtype).min)
+        out: torch.Tensor = filled.max(dim=1).values
+        return out
+    return mean_pool(hidden, attention_mask)
+
+
+class ClassifierServingModel(nn.Module):
+    """A Hugging Face *ForSequenceClassification model behind the serving contract."""
+
+    def __init__(self, model: nn.Module, labels: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.labels = list(labels)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            **_encoder_kwargs(self.model, input_ids),
+        )
+        embedding = l2_normalize(mean_pool(out.hidden_states[-1], attention_mask))
+        return torch.softmax(out.logits, dim=-1), embedding
+
+
+class EmbedderServingModel(nn.Module):
+    """A sentence-transformers encoder + its pooling (+ its Normalize module)."""
+
+    def __init__(self, encoder: nn.Module, pooling: str, normalize: bool) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.normalize = normalize
+        self.labels: list[str] = []
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **_encoder_kwargs(self.encoder, input_ids),
+        )
+        pooled = pool(out[0], attention_mask, self.pooling)
+        return l2_normalize(pooled) if self.normalize else pooled
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.embed(input_ids, attention_mask)
+        return embedding.new_zeros((embedding.shape[0], 0)), embedding
+
+
+class EmbeddingOnly(nn.Module):
+    """The graph exported for an embedder: one output, `embedding`."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(input_ids, attention_mask)[1]
+        return out
+
+
+def load_classifier(path: Path, attn_implementation: str = "eager") -> nn.Module:
+    set_offline()
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
+            str(path), local_files_only=True, attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot load classifier from {path}: {exc}".splitlines()[0]) from None
+    model.eval()
+    return model
+
+
 def load_serving_model(
     model_dir: Path | ModelInfo, attn_implementation: str = "eager"
-) -> ServingModel:
-    """A trained model folder as an eval-mode float32 `ServingModel` on CPU."""
+) -> nn.Module:
+    """A model folder (any kind) as an eval-mode float32 serving module on CPU."""
     info = model_dir if isinstance(model_dir, ModelInfo) else read_model(Path(model_dir))
+    if info.kind == KIND_CLASSIFIER:
+        return ClassifierServingModel(
+            load_classifier(info.path, attn_implementation), info.labels
+        ).eval()
+    if info.kind == KIND_EMBEDDER:
+        encoder = load_encoder(info.path, attn_implementation)
+        return EmbedderServingModel(encoder, info.pooling, info.normalize).eval()
     encoder = load_encoder(info.encoder_path(), attn_implementation)
     model = ServingModel(encoder, info.labels)
     model.load_head(info.path / HEAD_FILE)

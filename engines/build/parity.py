@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from engines.modeldir import EXPORT_SUBDIR, ModelInfo
+from engines.modeldir import ModelInfo
 
 FP16_MAX = 65504.0
 Array = npt.NDArray[np.float32]
@@ -127,15 +127,18 @@ def compare(
     n = int(ref_probs.shape[0])
     if n == 0:
         raise ValueError("parity needs at least one text")
-    ref_top = ref_probs.argmax(axis=1)
-    cand_top = cand_probs.argmax(axis=1)
+    classifies = ref_probs.shape[1] > 0  # an embedder has no labels: embeddings alone decide
+    ref_top = ref_probs.argmax(axis=1) if classifies else np.zeros(n, dtype=np.int64)
+    cand_top = cand_probs.argmax(axis=1) if classifies else np.zeros(n, dtype=np.int64)
     finite = bool(np.isfinite(cand_probs).all() and np.isfinite(cand_emb).all())
     agreement = float((ref_top == cand_top).mean())
     diff = np.abs(ref_probs.astype(np.float64) - cand_probs.astype(np.float64))
+    if not classifies:
+        diff = np.zeros((n, 1))
     cos = cosine_rows(ref_emb, cand_emb)
     cos = np.where(np.isfinite(cos), cos, -1.0)
     acc_c = acc_r = None
-    if gold is not None:
+    if gold is not None and classifies:
         if len(gold) != n:
             raise ValueError("gold labels and outputs differ in length")
         label_arr = np.array(list(labels))
@@ -205,7 +208,7 @@ def reference_outputs(
     info: ModelInfo, texts: Sequence[str], max_seq: int = 256, cache: bool = True
 ) -> tuple[Array, Array]:
     """fp32 torch outputs (probs, embeddings) for `texts`, cached beside the model's exports."""
-    path = info.path / EXPORT_SUBDIR / f"reference-{_texts_key(info.hash, texts, max_seq)}.npz"
+    path = info.export_dir / f"reference-{_texts_key(info.hash, texts, max_seq)}.npz"
     if cache and path.is_file():
         with np.load(path) as data:
             return data["probs"].astype(np.float32), data["embedding"].astype(np.float32)
@@ -219,7 +222,7 @@ def reference_outputs(
     engine = LoadedEngine(
         Tokenizer(info.tokenizer_path, max_seq),
         backend,
-        ModelIdentity(info.name, "reference", "torch", "fp32"),
+        ModelIdentity(info.name, "reference", "torch", "fp32", info.task, info.embedding_dim),
         info.labels,
     )
     probs, emb, _ = engine.run_raw(list(texts))
@@ -317,7 +320,7 @@ def fp16_numerics(
         nonfinite_activations=len(bad_half) + fp32_bad,
         max_abs_activation=max_abs,
         headroom=FP16_MAX / max(max_abs, 1e-6),
-        agreement=float((rp.argmax(1) == cp.argmax(1)).mean()),
+        agreement=float((rp.argmax(1) == cp.argmax(1)).mean()) if rp.shape[1] else 1.0,
         cosine_min=float(cos.min()),
     )
 

@@ -21,10 +21,12 @@ from engines.modeldir import (
     DEFAULT_MODEL_NAME,
     ENCODER_SUBDIR,
     HEAD_FILE,
+    KIND_HEAD,
     MODEL_JSON,
     TOKENIZER_FILE,
     ModelInfo,
     find_model,
+    hf_content_files,
     read_model,
 )
 from engines.build.parity import ParityReport, Thresholds, compare, fp16_numerics, reference_outputs
@@ -122,6 +124,11 @@ def _stage_artifacts(
         if precision == "int8":
             extra["quantization"] = {"method": "dynamic", **INT8_SETTINGS}
         return "model.onnx", extra
+    if backend == "torch" and info.kind != KIND_HEAD:  # a Hugging Face folder: its own files
+        for name in hf_content_files(info.path):
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(info.path / name, staging / name)
+        return "config.json", extra
     if backend == "torch":
         shutil.copyfile(info.path / MODEL_JSON, staging / MODEL_JSON)
         shutil.copyfile(info.path / HEAD_FILE, staging / HEAD_FILE)
@@ -238,7 +245,14 @@ def build(
             files={},
             status=REJECTED,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
-            extra=extra,
+            extra={
+                **extra,
+                "model_kind": info.kind,
+                "pooling": info.pooling,
+                "normalize": info.normalize,
+            },
+            task=info.task,
+            embedding_dim=info.embedding_dim,
         )
         from engines.load import open_engine
 

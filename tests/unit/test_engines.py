@@ -116,6 +116,8 @@ def _manifest(info: ModelInfo, backend: str, precision: str, artifact: str, **kw
         "files": {},
         "status": ACCEPTED,
         "created": "2026-01-01T00:00:00+00:00",
+        "task": info.task,
+        "embedding_dim": info.embedding_dim,
     }
     fields.update(kw)
     return Manifest(**fields)
