@@ -22,12 +22,17 @@ from schemas.models import (
     MAX_TEXT_CHARS,
     MAX_TS_MS,
     MIN_TS_MS,
+    PREDICTION_VERSION,
     SCHEMA_VERSION,
+    TASK_CLASSIFICATION,
+    TASK_EMBEDDING,
+    TASKS,
     DecodeError,
     ErrorCode,
     Prediction,
     Stage,
     TextEvent,
+    WirePrediction,
 )
 
 HEADER_ERROR_CODE = "inflow.error.code"
@@ -85,7 +90,7 @@ class _WireEventOut(msgspec.Struct, omit_defaults=True):
 # Decoders and encoders are reusable and thread-safe; build them once, not per message.
 _EVENT_DECODER = msgspec.json.Decoder(_WireEvent)
 _ANY_DECODER = msgspec.json.Decoder()
-_PREDICTION_DECODER = msgspec.json.Decoder(Prediction)
+_PREDICTION_DECODER = msgspec.json.Decoder(WirePrediction)
 _ENCODER = msgspec.json.Encoder()
 
 _JSON_TYPE_NAMES = {
@@ -320,8 +325,8 @@ def encode_prediction(p: Prediction) -> bytes:
 
 
 def decode_prediction(raw: bytes) -> Prediction | DecodeError:
-    """Decode and validate a Prediction v1. Never raises on bad input; every failure has the
-    code `invalid_prediction`."""
+    """Decode and validate a Prediction v2, or a v1 record (no `task`: a classification with
+    384 numbers). Never raises on bad input; every failure has the code `invalid_prediction`."""
     try:
         p = _PREDICTION_DECODER.decode(raw)
     except UnicodeDecodeError as exc:
@@ -330,6 +335,22 @@ def decode_prediction(raw: bytes) -> Prediction | DecodeError:
         return _bad_prediction(str(exc))
     except RecursionError:
         return _bad_prediction("value is nested too deeply")
+
+    version = "v1" if p.task is None else PREDICTION_VERSION
+    task = p.task or TASK_CLASSIFICATION
+    dim = EMBEDDING_DIM if p.task is None else p.embedding_dim
+    if p.task is not None and task not in TASKS:
+        return _bad_prediction(f"field 'task' must be one of {', '.join(TASKS)}; got {task!r}")
+    if p.task is not None and dim is None:
+        return _bad_prediction("field 'embedding_dim' is required with 'task'", version)
+    if len(p.embedding) != dim:
+        return _bad_prediction(
+            f"field 'embedding' must hold {dim} numbers; got {len(p.embedding)}", version
+        )
+    if task == TASK_CLASSIFICATION and (p.label is None or not p.scores):
+        return _bad_prediction("a classification needs a 'label' and non-empty 'scores'", version)
+    if task == TASK_EMBEDDING and (p.label is not None or p.scores):
+        return _bad_prediction("an embedding has 'label' null and 'scores' {}", version)
 
     if p.text.isspace():
         return _bad_prediction("field 'text' must contain a non-whitespace character")
@@ -344,14 +365,29 @@ def decode_prediction(raw: bytes) -> Prediction | DecodeError:
     norm = math.hypot(*p.embedding)  # one C call, and exact enough for a 1e-2 check
     if abs(norm - 1.0) > EMBEDDING_NORM_TOLERANCE:
         return _bad_prediction(
-            f"field 'embedding' must be L2-normalised ({EMBEDDING_DIM} numbers, norm 1); "
-            f"got norm {norm:.6g}"
+            f"field 'embedding' must be L2-normalised ({dim} numbers, norm 1); got norm {norm:.6g}",
+            version,
         )
-    return p
+    assert dim is not None
+    return Prediction(
+        id=p.id,
+        text=p.text,
+        label=p.label,
+        scores=p.scores,
+        embedding=p.embedding,
+        model=p.model,
+        truncated=p.truncated,
+        event_ts=p.event_ts,
+        processed_ts=p.processed_ts,
+        metadata=p.metadata,
+        source=p.source,
+        task=task,
+        embedding_dim=dim,
+    )
 
 
-def _bad_prediction(detail: str) -> DecodeError:
-    return DecodeError(ErrorCode.INVALID_PREDICTION, f"invalid Prediction v1: {detail}")
+def _bad_prediction(detail: str, version: str = PREDICTION_VERSION) -> DecodeError:
+    return DecodeError(ErrorCode.INVALID_PREDICTION, f"invalid Prediction {version}: {detail}")
 
 
 # ----------------------------------------------------------------------------- dead letters

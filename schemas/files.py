@@ -6,9 +6,9 @@ import json
 from importlib import resources
 from typing import Any
 
-from schemas.models import SCHEMA_VERSION
-
 SCHEMA_NAMES = ("text_event", "prediction", "dead_letter_headers")
+# The version each name defaults to: the one producers write today.
+CURRENT_VERSIONS = {"text_event": "v1", "prediction": "v2", "dead_letter_headers": "v1"}
 
 
 def load_json_schema(name: str) -> dict[str, Any]:
@@ -16,14 +16,14 @@ def load_json_schema(name: str) -> dict[str, Any]:
 
     `name` is one of SCHEMA_NAMES, optionally with the version and `.json` suffix
     (`"prediction"`, `"prediction.v1"`, `"prediction.v1.json"`); the version defaults to
-    SCHEMA_VERSION.
+    the current one (CURRENT_VERSIONS).
     """
     base = name.removesuffix(".json")
     stem, _, version = base.partition(".")
     # A fixed list, so a name can never reach outside the package folder.
     if stem not in SCHEMA_NAMES:
         raise ValueError(f"unknown schema {name!r}; expected one of {', '.join(SCHEMA_NAMES)}")
-    filename = f"{stem}.{version or SCHEMA_VERSION}.json"
+    filename = f"{stem}.{version or CURRENT_VERSIONS[stem]}.json"
     resource = resources.files("schemas").joinpath("json", filename)
     if not resource.is_file():
         raise ValueError(f"no schema file {filename!r} in schemas/json")

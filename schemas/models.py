@@ -1,4 +1,5 @@
-"""Typed wire models for Inflow (v1): what travels on `inflow.texts` and `inflow.predictions`.
+"""Typed wire models for Inflow: what travels on `inflow.texts` (TextEvent v1) and
+`inflow.predictions` (Prediction v2; v1 records are still decoded).
 
 The JSON Schema files in `schemas/json/` describe the same contracts for other languages;
 `schemas.codec` is the one run-time path that decodes and validates them.
@@ -11,10 +12,15 @@ from typing import Annotated, Any
 
 import msgspec
 
-SCHEMA_VERSION = "v1"
+SCHEMA_VERSION = "v1"  # TextEvent and dead-letter headers
+PREDICTION_VERSION = "v2"  # v2: task and embedding_dim; any width; no label for embedders
+TASK_CLASSIFICATION = "classification"
+TASK_EMBEDDING = "embedding"
+TASKS = (TASK_CLASSIFICATION, TASK_EMBEDDING)
+MAX_EMBEDDING_DIM = 4096  # Elasticsearch's dense_vector limit
 MAX_TEXT_CHARS = 100_000
 MAX_ID_CHARS = 256
-EMBEDDING_DIM = 384
+EMBEDDING_DIM = 384  # Prediction v1's fixed width (the default model's)
 # Epoch milliseconds of 0001-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z: the instants
 # an RFC 3339 timestamp (four-digit year) can name, so every accepted `ts` can be written back.
 MIN_TS_MS = -62_135_596_800_000
@@ -93,18 +99,41 @@ _Score = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 
 class Prediction(msgspec.Struct, frozen=True):
-    """One model output for one TextEvent, as published on `inflow.predictions`."""
+    """One model output for one TextEvent, as published on `inflow.predictions` (v2).
+
+    A classifier's prediction has a label and scores; an embedder's has `label` None and
+    `scores` {}. `embedding` holds exactly `embedding_dim` numbers. A decoded v1 record
+    becomes a classification with embedding_dim 384.
+    """
 
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
-    label: Annotated[str, msgspec.Meta(min_length=1)]
-    scores: Annotated[dict[str, _Score], msgspec.Meta(min_length=1)]
-    embedding: Annotated[
-        list[float], msgspec.Meta(min_length=EMBEDDING_DIM, max_length=EMBEDDING_DIM)
-    ]
+    label: Annotated[str, msgspec.Meta(min_length=1)] | None
+    scores: dict[str, _Score]
+    embedding: Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_EMBEDDING_DIM)]
     model: ModelRef
     truncated: bool
     event_ts: str | None  # RFC 3339, UTC
     processed_ts: str  # RFC 3339, UTC
     metadata: dict[str, Any] | None
     source: Source
+    task: str = TASK_CLASSIFICATION  # "classification" | "embedding"
+    embedding_dim: int = EMBEDDING_DIM
+
+
+class WirePrediction(msgspec.Struct, frozen=True):
+    """A Prediction as read from the wire, v1 or v2: v1 has no task and no embedding_dim."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+    label: Annotated[str, msgspec.Meta(min_length=1)] | None
+    scores: dict[str, _Score]
+    embedding: Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_EMBEDDING_DIM)]
+    model: ModelRef
+    truncated: bool
+    event_ts: str | None
+    processed_ts: str
+    metadata: dict[str, Any] | None
+    source: Source
+    task: str | None = None
+    embedding_dim: Annotated[int, msgspec.Meta(ge=1, le=MAX_EMBEDDING_DIM)] | None = None

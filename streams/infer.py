@@ -177,6 +177,8 @@ def build_prediction(record: InputRecord, event: TextEvent, result: ItemResult) 
         processed_ts=now_rfc3339(),
         metadata=event.metadata,
         source=Source(record.topic, record.partition, record.offset),
+        task=model.task,
+        embedding_dim=model.embedding_dim,
     )
 
 

@@ -19,9 +19,12 @@ from schemas import (
     MAX_TEXT_CHARS,
     MAX_TS_MS,
     MIN_TS_MS,
+    PREDICTION_VERSION,
     RFC3339_PATTERN,
     SCHEMA_NAMES,
     SCHEMA_VERSION,
+    TASK_CLASSIFICATION,
+    TASK_EMBEDDING,
     DecodeError,
     ErrorCode,
     ModelRef,
@@ -357,7 +360,9 @@ def test_encoded_prediction_validates_against_schema() -> None:
 
 
 def _mutated(**changes: Any) -> bytes:
+    """A Prediction v1 document (no task, no embedding_dim) with `changes` applied."""
     doc = json.loads(encode_prediction(make_prediction()))
+    del doc["task"], doc["embedding_dim"]
     for key, value in changes.items():
         if value is _ABSENT:
             del doc[key]
@@ -398,7 +403,64 @@ def test_invalid_predictions_rejected(raw: bytes, schema_catches: bool) -> None:
     except ValueError:
         return
     # The norm is the one rule JSON Schema cannot state.
-    assert validator("prediction").is_valid(instance) is not schema_catches
+    assert validator("prediction.v1").is_valid(instance) is not schema_catches
+
+
+def test_v1_prediction_still_decodes_as_a_384_wide_classification() -> None:
+    p = make_prediction()
+    result = decode_prediction(_mutated())
+    assert result == p and result.task == TASK_CLASSIFICATION and result.embedding_dim == 384
+    assert validator("prediction.v1").is_valid(json.loads(_mutated()))
+
+
+def _unit(n: int) -> list[float]:
+    rng = random.Random(n)
+    vec = [rng.gauss(0.0, 1.0) for _ in range(n)]
+    norm = math.sqrt(sum(x * x for x in vec))
+    return [x / norm for x in vec]
+
+
+def test_v2_embedding_prediction_of_any_width_round_trips_and_validates() -> None:
+    for width in (8, 768, 1024):
+        p = make_prediction(
+            label=None,
+            scores={},
+            embedding=_unit(width),
+            task=TASK_EMBEDDING,
+            embedding_dim=width,
+        )
+        raw = encode_prediction(p)
+        assert decode_prediction(raw) == p
+        assert list(validator("prediction").iter_errors(json.loads(raw))) == []
+    classified = make_prediction(embedding=_unit(768), embedding_dim=768)
+    assert decode_prediction(encode_prediction(classified)) == classified
+
+
+def _v2(**changes: Any) -> bytes:
+    doc = json.loads(encode_prediction(make_prediction()))
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "schema_catches"),
+    [
+        pytest.param(_v2(embedding_dim=768), False, id="width differs from embedding_dim"),
+        pytest.param(_v2(task="regression"), True, id="unknown task"),
+        pytest.param(_v2(embedding_dim=0), True, id="embedding_dim 0"),
+        pytest.param(_v2(task="embedding"), True, id="embedding with a label"),
+        pytest.param(_v2(label=None), True, id="classification without a label"),
+        pytest.param(_v2(scores={}), True, id="classification without scores"),
+        pytest.param(_v2(task="embedding", label=None), True, id="embedding with scores"),
+    ],
+)
+def test_invalid_v2_predictions_rejected(raw: bytes, schema_catches: bool) -> None:
+    result = decode_prediction(raw)
+    assert isinstance(result, DecodeError)
+    assert result.code == ErrorCode.INVALID_PREDICTION and "\n" not in result.message
+    assert "Prediction v2" in result.message
+    # embedding_dim against the embedding's length: JSON Schema cannot state it either.
+    assert validator("prediction").is_valid(json.loads(raw)) is not schema_catches
 
 
 # ----------------------------------------------------------------------------- dead letters
@@ -451,8 +513,12 @@ def test_schema_files_are_valid_and_consistent() -> None:
     for name in SCHEMA_NAMES:
         schema = load_json_schema(name)
         Draft202012Validator.check_schema(schema)
-        assert schema["$id"].endswith(f"{name}:{SCHEMA_VERSION}") and schema["title"]
-        assert load_json_schema(f"{name}.{SCHEMA_VERSION}.json") == schema
+        version = PREDICTION_VERSION if name == "prediction" else SCHEMA_VERSION
+        assert schema["$id"].endswith(f"{name}:{version}") and schema["title"]
+        assert load_json_schema(f"{name}.{version}.json") == schema
+    old = load_json_schema("prediction.v1")  # still shipped: v1 records are still decoded
+    Draft202012Validator.check_schema(old)
+    assert old["$id"].endswith("prediction:v1")
     for name in ("text_event", "prediction"):
         assert load_json_schema(name)["$defs"]["date_time"]["pattern"] == RFC3339_PATTERN
     dlq = load_json_schema("dead_letter_headers")["properties"]
