@@ -14,7 +14,13 @@ from indexer.errors import (
     IndexUnavailable,
     LifecycleError,
 )
-from indexer.mapping import DEFAULT_ALIAS, EMBEDDING_DIMS, ensure_index, index_problem
+from indexer.mapping import (
+    DEFAULT_ALIAS,
+    EMBEDDING_DIMS,
+    alias_dims,
+    ensure_index,
+    index_problem,
+)
 from indexer.search import Hit, Searcher, SearchResult
 
 __all__ = [
@@ -35,6 +41,7 @@ __all__ = [
     "RetryPolicy",
     "SearchResult",
     "Searcher",
+    "alias_dims",
     "build_action",
     "chunk_actions",
     "ensure_index",

@@ -15,7 +15,8 @@ from indexer.client import describe_es_error
 from indexer.errors import IndexSetupError
 
 DEFAULT_ALIAS = "inflow-predictions"
-EMBEDDING_DIMS = 384
+EMBEDDING_DIMS = 384  # the default model's width, and the packaged mappings' default
+MAX_EMBEDDING_DIMS = 4096  # dense_vector's limit
 EMBEDDING_FIELD = "embedding"
 # processed_ts - event_ts in ms, derived when indexing (actions.latency_ms): no scripts needed.
 LATENCY_FIELD = "latency_ms"
@@ -51,9 +52,14 @@ def _packaged_mappings() -> dict[str, Any]:
     return mappings
 
 
-def prediction_mappings() -> dict[str, Any]:
-    """The mappings of a predictions index (a fresh copy the caller may change)."""
-    return copy.deepcopy(_packaged_mappings())
+def prediction_mappings(dims: int = EMBEDDING_DIMS) -> dict[str, Any]:
+    """The mappings of a predictions index whose embeddings have ``dims`` numbers (a fresh
+    copy the caller may change)."""
+    if not 1 <= dims <= MAX_EMBEDDING_DIMS:
+        raise ValueError(f"embedding dims must be within 1..{MAX_EMBEDDING_DIMS}, got {dims}")
+    mappings = copy.deepcopy(_packaged_mappings())
+    mappings["properties"][EMBEDDING_FIELD]["dims"] = dims
+    return mappings
 
 
 def index_pattern(alias: str) -> str:
@@ -66,7 +72,9 @@ def first_index_name(alias: str) -> str:
     return f"{validate_alias(alias)}-000001"
 
 
-def index_template(alias: str, *, shards: int = 1, replicas: int | None = None) -> dict[str, Any]:
+def index_template(
+    alias: str, *, shards: int = 1, replicas: int | None = None, dims: int = EMBEDDING_DIMS
+) -> dict[str, Any]:
     """Keyword arguments for ``indices.put_index_template`` covering ``alias``'s indices."""
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
@@ -81,7 +89,7 @@ def index_template(alias: str, *, shards: int = 1, replicas: int | None = None) 
         "priority": TEMPLATE_PRIORITY,
         "version": TEMPLATE_VERSION,
         "meta": {"managed_by": "inflow.indexer", "document": "Prediction"},
-        "template": {"settings": {"index": settings}, "mappings": prediction_mappings()},
+        "template": {"settings": {"index": settings}, "mappings": prediction_mappings(dims)},
     }
 
 
@@ -98,15 +106,31 @@ async def ensure_index(
     *,
     shards: int = 1,
     replicas: int | None = None,
+    dims: int | None = None,
 ) -> None:
     """Put the index template and, if ``alias`` is missing, its first write index.
+
+    ``dims`` is the width of the embeddings that will be written (the engine's); None keeps
+    an existing alias's width (384 for a new one). An alias whose indices hold another width
+    is refused with a one-line IndexSetupError, before anything is changed: one alias never
+    mixes widths.
 
     Idempotent, and safe when several workers start at once: losing the race to
     create the index is fine as long as the alias exists afterwards. An existing
     index keeps its mappings; a changed template only applies to later indices.
     """
-    await es.indices.put_index_template(**index_template(alias, shards=shards, replicas=replicas))
-    if await es.indices.exists_alias(name=alias):
+    exists = await es.indices.exists_alias(name=alias)
+    have = await alias_dims(es, alias) if exists else None
+    if dims is not None and have is not None and have != dims:
+        raise IndexSetupError(
+            f"alias {alias!r} holds {have}-wide embeddings and this engine makes {dims}-wide "
+            "ones: index this model under another alias (INFLOW_ES_ALIAS)"
+        )
+    width = dims or have or EMBEDDING_DIMS
+    await es.indices.put_index_template(
+        **index_template(alias, shards=shards, replicas=replicas, dims=width)
+    )
+    if exists:
         return
     if await es.indices.exists(index=alias):
         # Not an alias (checked above), so a concrete index or data stream holds the name,
@@ -126,6 +150,20 @@ async def ensure_index(
         # The index exists but the alias does not point at it (someone removed it):
         # writing through the alias would fail, and guessing a repair is not ours to do.
         raise IndexSetupError(f"index {index!r} exists but alias {alias!r} does not point at it")
+
+
+async def alias_dims(es: AsyncElasticsearch, alias: str) -> int | None:
+    """The embedding width of the indices behind ``alias`` (None when they map none)."""
+    body = (await es.indices.get_mapping(index=alias)).body
+    widths = {
+        props[EMBEDDING_FIELD].get("dims")
+        for index in body.values()
+        if EMBEDDING_FIELD in (props := index.get("mappings", {}).get("properties", {}))
+    }
+    widths.discard(None)
+    if len(widths) > 1:
+        raise IndexSetupError(f"alias {alias!r} already mixes embedding widths {sorted(widths)}")
+    return int(widths.pop()) if widths else None
 
 
 async def index_problem(es: AsyncElasticsearch, alias: str = DEFAULT_ALIAS) -> str | None:

@@ -19,6 +19,7 @@ from indexer.mapping import (
     EMBEDDING_DIMS,
     EMBEDDING_FIELD,
     LATENCY_FIELD,
+    MAX_EMBEDDING_DIMS,
     validate_alias,
 )
 
@@ -120,10 +121,13 @@ def build_text_query(
     return body
 
 
-def check_vector(vector: Sequence[float], dims: int = EMBEDDING_DIMS) -> list[float]:
-    """``vector`` as a list of floats; raises if its length, values or norm cannot be searched."""
+def check_vector(vector: Sequence[float], dims: int | None = EMBEDDING_DIMS) -> list[float]:
+    """``vector`` as a list of floats; raises if its length, values or norm cannot be searched.
+    ``dims`` None accepts any width an index can hold (1..4096)."""
     values = [float(v) for v in vector]
-    if len(values) != dims:
+    if dims is None and not 1 <= len(values) <= MAX_EMBEDDING_DIMS:
+        raise ValueError(f"vector has {len(values)} dimensions: 1..{MAX_EMBEDDING_DIMS} allowed")
+    if dims is not None and len(values) != dims:
         raise ValueError(f"vector has {len(values)} dimensions, the index has {dims}")
     if not all(math.isfinite(v) for v in values):
         raise ValueError("vector has NaN or infinite values")
@@ -138,10 +142,11 @@ def build_knn_query(
     k: int = 10,
     num_candidates: int | None = None,
     filters: Sequence[Mapping[str, Any]] = (),
-    dims: int = EMBEDDING_DIMS,
+    dims: int | None = EMBEDDING_DIMS,
 ) -> dict[str, Any]:
     """A search body: top-level approximate kNN on ``embedding``, filtered during the search
-    (not after it, so a selective filter still returns ``k`` hits)."""
+    (not after it, so a selective filter still returns ``k`` hits). ``dims`` None accepts
+    any width: Elasticsearch then refuses a vector that is not its index's width."""
     _check_k(k)
     candidates = num_candidates if num_candidates is not None else max(100, 10 * k)
     candidates = min(candidates, MAX_RESULT_WINDOW)
@@ -382,7 +387,10 @@ class Searcher:
             until=until,
             time_field=time_field,
         )
-        body = build_knn_query(vector, k=k, num_candidates=num_candidates, filters=filters)
+        # Any width: each alias holds one model's width, which Elasticsearch checks.
+        body = build_knn_query(
+            vector, k=k, num_candidates=num_candidates, filters=filters, dims=None
+        )
         return parse_search_response(await self._search(body))
 
     async def label_counts(

@@ -23,7 +23,7 @@ from elasticsearch import ApiError, AsyncElasticsearch, ConnectionError, NotFoun
 from indexer.bulk import BulkWriter, RetryPolicy
 from indexer.client import EsSettings
 from indexer.errors import IndexSetupError, IndexUnavailable
-from indexer.mapping import ensure_index, first_index_name
+from indexer.mapping import alias_dims, ensure_index, first_index_name
 from indexer.search import Searcher
 from tests.conftest import TestServices
 
@@ -124,6 +124,27 @@ async def test_ensure_index_twice_gives_one_index_with_a_cosine_vector(
     assert (embedding["dims"], embedding["index"], embedding["similarity"]) == (384, True, "cosine")
     templates = (await es.indices.get_index_template(name=alias)).body["index_templates"]
     assert templates[0]["index_template"]["index_patterns"] == [f"{alias}-*"]
+
+
+async def test_each_alias_gets_its_models_width_and_never_mixes_widths(
+    es: AsyncElasticsearch, alias: str
+) -> None:
+    await ensure_index(es, alias, dims=768)
+    await ensure_index(es, alias)  # no width given: the alias keeps its own
+    await ensure_index(es, alias, dims=768)
+    assert await alias_dims(es, alias) == 768
+    template = (await es.indices.get_index_template(name=alias)).body["index_templates"][0]
+    mappings = template["index_template"]["template"]["mappings"]
+    assert mappings["properties"]["embedding"]["dims"] == 768
+    with pytest.raises(IndexSetupError) as refused:
+        await ensure_index(es, alias, dims=384)
+    message = str(refused.value)
+    assert "\n" not in message and "768-wide" in message and "384-wide" in message
+    # Refused before anything changed: the template still says 768.
+    template = (await es.indices.get_index_template(name=alias)).body["index_templates"][0]
+    assert (
+        template["index_template"]["template"]["mappings"]["properties"]["embedding"]["dims"] == 768
+    )
 
 
 async def test_a_concrete_index_named_like_the_alias_is_reported(

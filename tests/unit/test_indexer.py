@@ -31,6 +31,7 @@ from indexer.mapping import (
     TEMPLATE_PRIORITY,
     first_index_name,
     index_template,
+    prediction_mappings,
     validate_alias,
 )
 from indexer.search import (
@@ -312,6 +313,18 @@ def test_knn_query_is_top_level_with_filter() -> None:
     assert knn["filter"] == [{"term": {"label": "neg"}}]
     assert "filter" not in build_knn_query(vector)["knn"]
     assert build_knn_query(vector, k=2000)["knn"]["num_candidates"] == 10_000
+
+
+def test_mappings_and_templates_carry_the_models_width() -> None:
+    assert prediction_mappings()["properties"]["embedding"]["dims"] == EMBEDDING_DIMS
+    template = index_template("inflow-mpnet", dims=768)
+    assert template["template"]["mappings"]["properties"]["embedding"]["dims"] == 768
+    with pytest.raises(ValueError, match=r"1\.\.4096"):
+        prediction_mappings(4097)
+    vector = [1.0] + [0.0] * 767
+    assert len(build_knn_query(vector, dims=None)["knn"]["query_vector"]) == 768
+    with pytest.raises(ValueError, match="768 dimensions"):
+        build_knn_query(vector)  # the default width is checked unless told otherwise
 
 
 @pytest.mark.parametrize(
