@@ -20,13 +20,16 @@ from indexer import BulkWriter, EsSettings, Searcher, ensure_index, index_proble
 from indexer.client import describe_es_error
 from streams.batcher import Batcher, BatchPolicy
 from streams.config import Settings
+from streams.eos import TransactionalInfer
+from streams.flow import InFlightBudget, record_cost
 from streams.health import WorkerHealth
 from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
 from streams.kafka import client_options, faust_credentials
 from streams.lag import ConsumerLag, LagUnavailable
+from streams.logs import install_repeat_filter
 from streams.metrics import Metrics
-from streams.retry import retry_forever
+from streams.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class _FaustPublisher:
         self._topics: dict[str, Any] = {}
 
     async def publish(
-        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None
     ) -> None:
         channel = self._topics.get(topic)
         if channel is None:
@@ -80,6 +83,14 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # A kill -9'd worker's partitions move to the others after the session timeout.
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        # Per-partition prefetch; with the in-flight ceiling, what bounds the worker's memory.
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        # exactly_once is ours (streams.eos), not Faust's: Faust's agents stay at least once
+        # (the index agent's writes are idempotent by id).
         processing_guarantee="at_least_once",
         producer_acks=-1,
         producer_max_request_size=4 * 1024 * 1024,
@@ -96,6 +107,13 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         logging_config=None,
     )
     metrics = Metrics()
+    repeats = install_repeat_filter()  # broker outages: one line and a count, not thousands
+
+    def on_fault(condition: str, reason: str | None) -> None:
+        health.set(condition, reason)  # `health` is built below, before anything runs
+
+    retry = RetryPolicy(recheck_s=settings.permanent_recheck_s, on_fault=on_fault)
+    budget = InFlightBudget(settings.max_in_flight_bytes)
     app_state: dict[str, Any] = {"metrics": metrics, "settings": settings}
     publisher = _FaustPublisher(app)
     batcher = Batcher(
@@ -109,11 +127,12 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         InferTopics(settings.predictions_topic, settings.texts_dlq_topic),
         metrics,
         max_in_flight=settings.max_in_flight,
+        retry=retry,
     )
     # One client for the writer and the searcher; the index is ensured at start (below).
     es = es_settings(settings).make_client()
     writer = BulkWriter(client=es, alias=settings.es_alias, ensure=False, observer=metrics)
-    index_stage = IndexStage(writer, publisher, settings.predictions_dlq_topic, metrics)
+    index_stage = IndexStage(writer, publisher, settings.predictions_dlq_topic, metrics, retry)
     index_buffer = IndexBuffer(index_stage, settings.index_batch_size, settings.index_max_wait_ms)
     searcher = Searcher(client=es, alias=settings.es_alias)
     app_state.update(
@@ -146,40 +165,51 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     metrics.watch_engine(lambda: batcher.identity)
     metrics.watch_lag(lambda: lag.last, max_age_s=3 * settings.health_poll_s)
 
-    @app.agent(texts, concurrency=1)
-    async def infer(stream: Any) -> None:
-        await ready.wait()
-        async for event in stream.noack().events():
-            await infer_stage.handle(input_record(event))
+    exactly_once = settings.processing_guarantee == "exactly_once"
+    transactional = TransactionalInfer(settings, batcher, metrics) if exactly_once else None
+    if transactional is None:
+
+        @app.agent(texts, concurrency=1)
+        async def infer(stream: Any) -> None:
+            await ready.wait()
+            async for event in stream.noack().events():
+                record = await input_record(event, budget)
+                await infer_stage.handle(record)
 
     @app.agent(predictions, concurrency=1)
     async def index(stream: Any) -> None:
         await ready.wait()
         async for event in stream.noack().events():
-            await index_buffer.add(input_record(event))
+            record = await input_record(event, budget)
+            await index_buffer.add(record)
 
     @app.task
     async def _start() -> None:
         await batcher.start()
         await lag.start()
-        # Elasticsearch may come up after the worker: keep trying (one log line per attempt)
-        # rather than crash; nothing is consumed until the index exists.
-        await retry_forever(
-            lambda: ensure_index(es, settings.es_alias),
-            what=f"create index template and alias {settings.es_alias}",
-            base_s=1.0,
-            cap_s=15.0,
-            on_retry=lambda _attempt, exc: health.set(
-                "elasticsearch",
-                f"cannot set up alias {settings.es_alias}: {describe_es_error(exc)}",
+
+        # Elasticsearch may come up after the worker: retry what may pass later rather than
+        # crash; a permanent refusal (credentials, a name taken by an index) is one line and
+        # not-ready health. Nothing is consumed until the index exists.
+        def setup_problem(exc: BaseException) -> str:
+            return f"cannot set up alias {settings.es_alias}: {describe_es_error(exc)}"
+
+        await retry.with_backoff(1.0, 15.0).call(
+            lambda: ensure_index(
+                es, settings.es_alias, dims=registry.embedding_dim(settings.engine_version)
             ),
-            describe=describe_es_error,
+            what=f"create index template and alias {settings.es_alias}",
+            condition="elasticsearch",
+            on_retry=lambda _attempt, exc: health.set("elasticsearch", setup_problem(exc)),
+            describe=setup_problem,
         )
         health.set("elasticsearch", None)
         await writer.start()
         await searcher.start()
         await index_buffer.start()
         await engine_loaded.wait()  # the engine follower below loads the first one
+        if transactional is not None:  # exactly_once: texts are consumed in transactions
+            await transactional.start()
         ready.set()
         health.set("agents", None)
 
@@ -187,6 +217,8 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     async def _stop(app: faust.App, **kwargs: Any) -> None:
         # Runs after the consumer stopped fetching and waited for every taken record
         # to be acked (stream_wait_empty); what is left here is already answered.
+        if transactional is not None:
+            await transactional.stop()
         await infer_stage.drain()
         await index_buffer.stop()
         await batcher.stop()
@@ -197,6 +229,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
 
     @app.timer(interval=settings.health_poll_s)
     async def probe_health() -> None:
+        repeats.flush()
         if ready.is_set():  # before, _start reports Elasticsearch through its retry loop
             health.set("elasticsearch", await index_problem(es, settings.es_alias))
         try:
@@ -250,15 +283,23 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     return app
 
 
-def input_record(event: Any) -> InputRecord:
-    """The raw record of a Faust event (original key and value bytes, Kafka timestamp), its ack."""
+async def input_record(event: Any, budget: InFlightBudget) -> InputRecord:
+    """The raw record of a Faust event (original key and value bytes, Kafka timestamp), its ack;
+    waits for room under the in-flight ceiling, given back on ack."""
     message = event.message
+    cost = record_cost(message.key, message.value)
+    await budget.acquire(cost)
+
+    def ack() -> None:
+        budget.release(cost)
+        event.ack()
+
     return InputRecord(
         message.topic,
         message.partition,
         message.offset,
         message.key,
         message.value,
-        event.ack,
+        ack,
         timestamp=message.timestamp,
     )

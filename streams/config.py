@@ -31,6 +31,7 @@ class Secret(str):
 NO_SECRET = Secret("")
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+GUARANTEES = ("at_least_once", "exactly_once")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,23 @@ class Settings:
     max_wait_ms: int = 10
     # Events decoded but not yet answered: bounds memory and gives backpressure.
     max_in_flight: int = 256
+    # The in-flight ceiling in bytes, for both agents (streams.flow): records taken and not
+    # acked. Reached, consumption pauses (an index outage costs lag, not memory).
+    max_in_flight_bytes: int = 32 * 1024 * 1024
+    # Faust's per-partition prefetch buffer (records): with the ceiling, the worker's bound.
+    stream_buffer_maxsize: int = 512
+
+    # Delivery: at_least_once, or exactly_once (consume -> predict -> produce in Kafka
+    # transactions with the input offsets; read_committed consumers see each prediction once).
+    processing_guarantee: str = "at_least_once"
+    # Group membership: a dead worker's partitions move after session_timeout_s (the broker's
+    # group.min.session.timeout.ms, 6 s by default, is the floor).
+    session_timeout_s: float = 6.0
+    heartbeat_interval_s: float = 1.0
+    rebalance_timeout_s: float = 20.0
+    # A permanent error of the system (credentials, permissions) parks delivery, not ready;
+    # it is checked again this often (streams.retry).
+    permanent_recheck_s: float = 60.0
 
     # Index batching
     index_batch_size: int = 500
@@ -143,6 +161,23 @@ class Settings:
             raise ConfigError("INFLOW_MAX_WAIT_MS must be 0 or more")
         if self.max_in_flight < self.max_batch_size:
             raise ConfigError("INFLOW_MAX_IN_FLIGHT must be at least INFLOW_MAX_BATCH_SIZE")
+        if self.max_in_flight_bytes < 1024 * 1024:
+            raise ConfigError("INFLOW_MAX_IN_FLIGHT_BYTES must be at least 1048576 (1 MiB)")
+        if self.stream_buffer_maxsize < 1:
+            raise ConfigError("INFLOW_STREAM_BUFFER_MAXSIZE must be at least 1")
+        if self.processing_guarantee not in GUARANTEES:
+            raise ConfigError(
+                f"INFLOW_PROCESSING_GUARANTEE must be one of {', '.join(GUARANTEES)}, "
+                f"got {self.processing_guarantee!r}"
+            )
+        if not 0 < self.heartbeat_interval_s < self.session_timeout_s:
+            raise ConfigError(
+                "INFLOW_HEARTBEAT_INTERVAL_S must be positive and below INFLOW_SESSION_TIMEOUT_S"
+            )
+        if self.rebalance_timeout_s <= 0 or self.permanent_recheck_s <= 0:
+            raise ConfigError(
+                "INFLOW_REBALANCE_TIMEOUT_S and INFLOW_PERMANENT_RECHECK_S must be positive"
+            )
         if self.health_poll_s <= 0 or self.stall_after_s <= 0:
             raise ConfigError("INFLOW_HEALTH_POLL_S and INFLOW_STALL_AFTER_S must be positive")
         if not 0 <= self.web_port <= 65535:

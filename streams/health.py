@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from streams.lag import LagSample
 
 OK = "ok"
+# Readiness conditions that explain a stalled consumer (see `WorkerHealth.live`).
+EXPLAINS_STALL = ("engine", "elasticsearch", "index")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +77,9 @@ class WorkerHealth:
     def live(self) -> HealthReport:
         sample = self._lag()
         stalled = [] if sample is None else sample.stalled(self.stall_after_s)
-        explained = [n for n in ("engine", "elasticsearch") if self._conditions[n] != OK]
+        # The index stage parked on a permanent error ("index") is reported by readiness
+        # too; a restart would not fix it.
+        explained = [n for n in EXPLAINS_STALL if self._conditions.get(n, OK) != OK]
         if not stalled:
             consumer = OK
         elif explained:

@@ -16,10 +16,11 @@ from typing import Any, Protocol
 import msgspec
 
 from indexer import BulkOutcome
+from indexer.client import describe_es_error
 from schemas import DecodeError, ErrorCode, Stage, dead_letter_headers, decode_prediction
 from streams.infer import InputRecord, Publisher
 from streams.metrics import Metrics
-from streams.retry import retry_forever
+from streams.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,15 @@ class DocumentWriter(Protocol):
 
 class IndexStage:
     def __init__(
-        self, writer: DocumentWriter, publisher: Publisher, dlq_topic: str, metrics: Metrics
+        self,
+        writer: DocumentWriter,
+        publisher: Publisher,
+        dlq_topic: str,
+        metrics: Metrics,
+        retry: RetryPolicy | None = None,
     ) -> None:
+        self._retry = retry or RetryPolicy()
+        self._bulk_retry = self._retry.with_backoff(1.0, 30.0)
         self._writer = writer
         self._publisher = publisher
         self._dlq_topic = dlq_topic
@@ -49,9 +57,14 @@ class IndexStage:
             by_id[decoded.id] = record  # a re-delivered id keeps its newest record
         if docs:
             # The writer retries on its own; if Elasticsearch stays down we keep trying and
-            # never ack, so nothing is committed that the index has not accepted.
-            outcome = await retry_forever(
-                lambda: self._writer.bulk_index(docs), what="bulk index", base_s=1.0, cap_s=30.0
+            # never ack, so nothing is committed that the index has not accepted. A permanent
+            # refusal of the whole request (credentials, permissions) parks the batch unacked
+            # with the worker not ready; refused documents come back in `outcome.rejected`.
+            outcome = await self._bulk_retry.call(
+                lambda: self._writer.bulk_index(docs),
+                what="bulk index",
+                condition="index",
+                describe=describe_es_error,
             )
             self._metrics.indexed.inc(len(outcome.indexed_ids))
             for rejected in outcome.rejected:
@@ -71,12 +84,12 @@ class IndexStage:
         headers = dead_letter_headers(
             error, topic=record.topic, partition=record.partition, offset=record.offset, stage=stage
         )
-        value = record.value or b""
+        value = record.value  # a tombstone stays a tombstone (None)
 
         async def send() -> None:
             await self._publisher.publish(self._dlq_topic, record.key, value, headers)
 
-        await retry_forever(send, what=f"publish to {self._dlq_topic}")
+        await self._retry.call(send, what=f"publish to {self._dlq_topic}", condition=None)
         self._metrics.dead_letters.labels(code=error.code).inc()
 
 

@@ -32,7 +32,7 @@ from schemas import (
 )
 from streams.batcher import Batcher, InferenceFailed, ItemResult
 from streams.metrics import Metrics
-from streams.retry import retry_forever
+from streams.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,10 @@ Headers = list[tuple[str, bytes]]
 
 class Publisher(Protocol):
     async def publish(
-        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None
     ) -> None:
-        """Return once the broker acknowledged the record (raise if it did not)."""
+        """Return once the broker acknowledged the record (raise if it did not). A None value
+        is a tombstone (a Kafka null), not empty bytes."""
         ...
 
 
@@ -74,8 +75,10 @@ class InferStage:
         topics: InferTopics,
         metrics: Metrics,
         max_in_flight: int = 256,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._batcher = batcher
+        self._retry = retry or RetryPolicy()
         self._publisher = publisher
         self._topics = topics
         self._metrics = metrics
@@ -138,8 +141,8 @@ class InferStage:
             offset=record.offset,
             stage=stage,
         )
-        # The value stays the original bytes (b"" for a tombstone, which has none).
-        await self._send(self._topics.dead_letters, record.key, record.value or b"", headers)
+        # The value stays the original bytes; a tombstone stays a tombstone (None, not b"").
+        await self._send(self._topics.dead_letters, record.key, record.value, headers)
         self._metrics.dead_letters.labels(code=error.code).inc()
         log.info(
             "dead letter %s:%d:%d %s: %s",
@@ -151,14 +154,18 @@ class InferStage:
         )
 
     async def _send(
-        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None
     ) -> None:
         async def attempt() -> None:
             await self._publisher.publish(topic, key, value, headers)
 
-        await retry_forever(
+        # Retriable errors are retried; a permanent one (a topic that refuses the record,
+        # authorization) parks this record unacked: one ERROR line, and the stalled consumer
+        # fails /health/live (streams.retry); Kafka's own readiness is the worker's probe.
+        await self._retry.call(
             attempt,
             what=f"publish to {topic}",
+            condition=None,
             on_retry=lambda _attempt, _exc: self._metrics.publish_retries.inc(),
         )
 

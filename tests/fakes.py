@@ -80,7 +80,7 @@ class FakePublisher:
     """Records what was published; can fail the first N publishes."""
 
     def __init__(self, fail_first: int = 0) -> None:
-        self.sent: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
+        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]] = []
         self.fail_first = fail_first
         self.attempts = 0
 
@@ -88,7 +88,7 @@ class FakePublisher:
         self,
         topic: str,
         key: bytes | None,
-        value: bytes,
+        value: bytes | None,
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         self.attempts += 1
@@ -98,7 +98,7 @@ class FakePublisher:
 
     def on(
         self, topic: str
-    ) -> list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]] | None]]:
+    ) -> list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]]:
         return [record for record in self.sent if record[0] == topic]
 
 

@@ -65,7 +65,7 @@ async def test_each_record_ends_as_one_prediction_or_one_dead_letter() -> None:
         b"[1,2]",
         b'{"text": "   "}',
         b"",
-        b"",
+        None,  # a tombstone stays a tombstone
     ]
     codes = [
         parse_dead_letter_headers(headers or [])["inflow.error.code"] for _, _, _, headers in dead
