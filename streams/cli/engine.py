@@ -216,7 +216,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     b.add_argument("--max-batch", type=int, default=64)
     b.add_argument("--max-seq", type=int, default=256)
-    b.add_argument("--model", type=Path, default=None, help="model folder (default: trained head)")
+    b.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a local model folder: a Hugging Face sequence classifier, a sentence-transformers "
+        "embedder, or an `inflow train` head (default: the trained sentiment head)",
+    )
     b.add_argument(
         "--activate",
         action=argparse.BooleanOptionalAction,
