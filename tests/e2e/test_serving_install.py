@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,7 +96,25 @@ def _run(
     )
 
 
+def _tracked_python_dirs() -> set[str]:
+    """Folders of the four packages that hold Python files git tracks (what a clone has)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--", *PACKAGES], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return {str(Path(f).parent) for f in listed if f.endswith(".py")}
+
+
 def test_the_wheel_holds_every_package_and_no_build_dependency(serving_venv: Path) -> None:
+    wheel = next((serving_venv.parent / "dist").glob("inflow-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    for folder in sorted(_tracked_python_dirs()):
+        assert f"{folder}/__init__.py" in names, f"{folder} is not a package in the wheel"
+        tracked = subprocess.run(
+            ["git", "ls-files", f"{folder}/__init__.py"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
+        assert tracked.strip(), f"{folder}/__init__.py exists here but git does not track it"
+
     listed = _run(serving_venv, "python", "-m", "pip", "list", "--format=json")
     installed = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not installed & {"torch", "transformers", "scikit-learn", "onnx", "triton"}, installed
