@@ -1,346 +1,231 @@
-"""The TensorRT backend: a serialized FP16 plan run with the TensorRT 10 tensor-name API.
+"""The TensorRT backend: a serialized plan (built by `engines.build.tensorrt`) run with the
+TensorRT 10/11 tensor-name API, device memory and the CUDA stream taken from torch.
 
-`TensorRTBackend.load(plan)` is the only part that needs `tensorrt` and a GPU (imported
-lazily, so this module imports anywhere). The backend itself talks to two narrow things:
-
-- the engine and its execution context, typed as `TrtEngine` / `TrtContext` below (the
-  handful of TensorRT 10 methods used: I/O tensor names, modes, dtypes, shapes,
-  optimization profiles, `set_input_shape`, `set_tensor_address`, `execute_async_v3`);
-- a `DeviceBuffers`: one device buffer per I/O tensor at its largest shape, a stream, and
-  host<->device copies. `TorchCudaBuffers` is the real one (torch CUDA tensors, pinned
-  host staging, a dedicated stream); unit tests pass a host-memory one with a fake engine.
-
-Every decision (I/O contract, profile choice, shape checks, dtypes, output shapes) is a
-pure function in `engines.trt`; `run` only sequences the calls.
+Only `TensorRTBackend.load` needs `tensorrt`, torch and a GPU, and imports them in the call,
+so this module imports anywhere. The decisions around it are pure and tested without them:
+`read_contract` (the plan's I/O against the serving graph of `engines/backends/base.py`,
+with the label count and the embedding width read from the plan, never assumed) and
+`check_built_here` (a plan runs only on the TensorRT release and GPU architecture that built
+it; the record written beside it says which, so a mismatch is one line, not a null engine).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-import numpy.typing as npt
+import numpy as np
 
-from engines.backends.base import Float32Array, Int64Array
-from engines.trt.bindings import IOLayout, TensorSpec, check_io, to_float32, to_input_dtype
-from engines.trt.errors import ShapeError, TensorRTLoadError, TensorRTRuntimeError
-from engines.trt.profiles import (
-    INPUT_NAMES,
-    Profile,
-    Shape,
-    check_request,
-    dtype_name,
-    enum_name,
-    max_shape,
-    profiles_from_engine,
-    select_profile,
-    torch_dtype,
+from engines.backends.base import Float32Array, Int64Array, check_batch_shape
+from engines.errors import BackendUnavailable, EngineError, EngineLoadError
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAMES = ("probs", "embedding")  # probs is absent from an embedder's plan
+INSTALL_HINT = (
+    "tensorrt is not installed: pip install 'inflow[gpu]' on a host with an NVIDIA GPU "
+    "and CUDA 12/13"
 )
+INPUT_DTYPES = {"INT32": np.int32, "INT64": np.int64}  # TensorRT DataType names
+OUTPUT_DTYPES = frozenset({"FLOAT", "HALF"})
 
-if TYPE_CHECKING:
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One I/O tensor as the plan declares it (-1 marks a dynamic axis)."""
+
+    name: str
+    is_input: bool
+    dtype: str  # TensorRT DataType member name: "INT64", "FLOAT", "HALF", ...
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    input_dtype: str  # "INT32" | "INT64", the same for both inputs
+    num_labels: int  # 0 for an embedder
+    width: int  # the embedding width
+
+
+def read_contract(specs: Sequence[TensorSpec]) -> Contract:
+    """The plan's contract, or one `EngineLoadError` naming every difference."""
+    by_name = {s.name: s for s in specs}
+    problems: list[str] = []
+    inputs = sorted(s.name for s in specs if s.is_input)
+    outputs = sorted(s.name for s in specs if not s.is_input)
+    if inputs != sorted(INPUT_NAMES):
+        problems.append(f"inputs are {inputs}, expected {sorted(INPUT_NAMES)}")
+    if outputs not in (sorted(OUTPUT_NAMES), ["embedding"]):
+        problems.append(f"outputs are {outputs}, expected {sorted(OUTPUT_NAMES)} or ['embedding']")
+    if problems:
+        raise EngineLoadError(
+            "TensorRT plan does not match the serving graph: " + "; ".join(problems)
+        )
+    dtypes = {by_name[n].dtype for n in INPUT_NAMES}
+    if len(dtypes) != 1 or not dtypes <= set(INPUT_DTYPES):
+        problems.append(f"inputs are {sorted(dtypes)}, expected both INT32 or both INT64")
+    for name in INPUT_NAMES:
+        if len(by_name[name].shape) != 2:
+            problems.append(f"{name} has shape {by_name[name].shape}, expected [batch, seq]")
+    widths: dict[str, int] = {}
+    for name in outputs:
+        spec = by_name[name]
+        if spec.dtype not in OUTPUT_DTYPES:
+            problems.append(f"{name} is {spec.dtype}, expected FLOAT or HALF")
+        if len(spec.shape) != 2 or spec.shape[1] < 1:
+            problems.append(f"{name} has shape {spec.shape}, expected [batch, n] with a fixed n")
+        else:
+            widths[name] = spec.shape[1]
+    if problems:
+        raise EngineLoadError(
+            "TensorRT plan does not match the serving graph: " + "; ".join(problems)
+        )
+    return Contract(dtypes.pop(), widths.get("probs", 0), widths["embedding"])
+
+
+def record_path(plan: Path) -> Path:
+    """`model.plan` -> `model.plan.json`: where the build record lies."""
+    return plan.with_name(plan.name + ".json")
+
+
+def check_built_here(record: dict[str, Any], tensorrt_version: str, capability: str) -> None:
+    """Raise `EngineLoadError` unless this TensorRT release (major.minor.patch) and GPU
+    architecture (compute capability "8.0", ...) are the ones the plan was built with."""
+    problems = []
+    built = str(record.get("tensorrt_version", "?"))
+    if built.split(".")[:3] != tensorrt_version.split(".")[:3]:
+        problems.append(f"built with TensorRT {built}, this host has {tensorrt_version}")
+    if str(record.get("compute_capability", "?")) != capability:
+        problems.append(
+            f"built for compute capability {record.get('compute_capability')} "
+            f"({record.get('gpu', '?')}), this GPU is {capability}"
+        )
+    if problems:
+        raise EngineLoadError("; ".join(problems) + ": rebuild the TensorRT engine on this host")
+
+
+def _name(enum_value: object) -> str:
+    """A TensorRT enum member's name ("DataType.HALF" -> "HALF")."""
+    return str(getattr(enum_value, "name", enum_value)).rsplit(".", 1)[-1]
+
+
+def import_tensorrt() -> Any:
+    """`tensorrt` and a visible CUDA device, or `BackendUnavailable` in one line."""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as exc:  # OSError: the wheel is there, its libraries are not
+        raise BackendUnavailable(INSTALL_HINT) from exc
     import torch
 
-__all__ = ["DeviceBuffers", "TensorRTBackend", "TorchCudaBuffers", "TrtContext", "TrtEngine"]
-
-
-class TrtContext(Protocol):
-    """The `IExecutionContext` methods the backend calls."""
-
-    def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool: ...
-
-    def set_input_shape(self, name: str, shape: Sequence[int]) -> bool: ...
-
-    def set_tensor_address(self, name: str, memory: int) -> bool: ...
-
-    def execute_async_v3(self, stream_handle: int) -> bool: ...
-
-
-class TrtEngine(Protocol):
-    """The `ICudaEngine` members the backend reads."""
-
-    @property
-    def num_io_tensors(self) -> int: ...
-
-    @property
-    def num_optimization_profiles(self) -> int: ...
-
-    def get_tensor_name(self, index: int) -> str: ...
-
-    def get_tensor_mode(self, name: str) -> Any: ...
-
-    def get_tensor_dtype(self, name: str) -> Any: ...
-
-    def get_tensor_shape(self, name: str) -> Any: ...
-
-    def get_tensor_profile_shape(self, name: str, profile_index: int) -> Any: ...
-
-    def create_execution_context(self) -> Any: ...
-
-
-class DeviceBuffers(Protocol):
-    """Device memory and a stream for one execution context.
-
-    `allocate` is called once per I/O tensor at its largest shape and returns the device
-    address TensorRT reads/writes. `upload` and `download` enqueue copies of the leading
-    elements on the stream; `download` returns a host view that holds the data only after
-    `synchronize()`, and only until the next run.
-    """
-
-    @property
-    def stream_handle(self) -> int: ...
-
-    def activate(self) -> contextlib.AbstractContextManager[None]: ...
-
-    def allocate(self, name: str, shape: Shape, dtype: str) -> int: ...
-
-    def upload(self, name: str, array: npt.NDArray[Any]) -> None: ...
-
-    def download(self, name: str, shape: Shape) -> npt.NDArray[Any]: ...
-
-    def synchronize(self) -> None: ...
-
-    def release(self) -> None: ...
-
-
-class TorchCudaBuffers:
-    """`DeviceBuffers` on torch: CUDA tensors, pinned host staging, one dedicated stream
-    (TensorRT warns, and syncs more, on the default stream)."""
-
-    def __init__(self, device_index: int = 0) -> None:
-        import torch
-
-        self._torch = torch
-        self._device = torch.device("cuda", device_index)
-        self._stream = torch.cuda.Stream(device=self._device)
-        self._dev: dict[str, torch.Tensor] = {}
-        self._host: dict[str, torch.Tensor] = {}
-
-    @property
-    def stream_handle(self) -> int:
-        return int(self._stream.cuda_stream)
-
-    @contextlib.contextmanager
-    def activate(self) -> Iterator[None]:
-        with self._torch.cuda.device(self._device):
-            yield
-
-    def allocate(self, name: str, shape: Shape, dtype: str) -> int:
-        numel = max(1, math.prod(shape))
-        tdtype = torch_dtype(dtype)
-        self._dev[name] = self._torch.empty(numel, dtype=tdtype, device=self._device)
-        self._host[name] = self._torch.empty(numel, dtype=tdtype, pin_memory=True)
-        return int(self._dev[name].data_ptr())
-
-    def upload(self, name: str, array: npt.NDArray[Any]) -> None:
-        n = array.size
-        staging = self._host[name][:n]
-        staging.numpy()[...] = array.reshape(-1)
-        with self._torch.cuda.stream(self._stream):
-            self._dev[name][:n].copy_(staging, non_blocking=True)
-
-    def download(self, name: str, shape: Shape) -> npt.NDArray[Any]:
-        n = math.prod(shape)
-        staging = self._host[name][:n]
-        with self._torch.cuda.stream(self._stream):
-            staging.copy_(self._dev[name][:n], non_blocking=True)
-        return staging.numpy().reshape(shape)
-
-    def synchronize(self) -> None:
-        self._stream.synchronize()
-
-    def release(self) -> None:
-        self._dev.clear()
-        self._host.clear()
-
-
-def read_io(engine: TrtEngine) -> list[TensorSpec]:
-    """The engine's I/O tensors, in its own order, as plain data."""
-    specs = []
-    for i in range(engine.num_io_tensors):
-        name = str(engine.get_tensor_name(i))
-        specs.append(
-            TensorSpec(
-                name=name,
-                is_input=enum_name(engine.get_tensor_mode(name)) == "INPUT",
-                dtype=dtype_name(engine.get_tensor_dtype(name)),
-                shape=tuple(int(d) for d in engine.get_tensor_shape(name)),
-            )
-        )
-    return specs
-
-
-def read_profiles(engine: TrtEngine) -> tuple[Profile, ...]:
-    """The engine's optimization profiles (`get_tensor_profile_shape` of both inputs)."""
-    per_profile = [
-        {
-            name: tuple(
-                tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(name, k)
-            )
-            for name in INPUT_NAMES
-        }
-        for k in range(engine.num_optimization_profiles)
-    ]
-    return profiles_from_engine(per_profile)
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("no CUDA device is visible: TensorRT needs an NVIDIA GPU")
+    return tensorrt
 
 
 class TensorRTBackend:
-    """`Backend` over one TensorRT engine and one execution context.
-
-    Build with `TensorRTBackend.load(plan_path)`; the constructor takes an already
-    deserialized engine and the buffers to run it with. `run` is serialised by a lock;
-    call it from one thread.
-    """
+    """`Backend` over one TensorRT plan and one execution context; `run` holds a lock."""
 
     name = "tensorrt"
 
-    def __init__(
-        self,
-        engine: TrtEngine,
-        *,
-        buffers: DeviceBuffers,
-        precision: str = "fp16",
-        keepalive: Sequence[object] = (),
-    ) -> None:
+    def __init__(self, engine: Any, precision: str, keepalive: tuple[object, ...]) -> None:
+        import torch
+
         self.precision = precision
-        self._layout: IOLayout = check_io(read_io(engine))
-        self._profiles = read_profiles(engine)
-        self._max_batch, self._max_seq = max_shape(self._profiles)
-        self._buffers = buffers
+        self._torch = torch
+        specs = [
+            TensorSpec(
+                name := str(engine.get_tensor_name(i)),
+                _name(engine.get_tensor_mode(name)) == "INPUT",
+                _name(engine.get_tensor_dtype(name)),
+                tuple(int(d) for d in engine.get_tensor_shape(name)),
+            )
+            for i in range(engine.num_io_tensors)
+        ]
+        self._contract = read_contract(specs)
+        _, _, (self._max_batch, self._max_seq) = engine.get_tensor_profile_shape(INPUT_NAMES[0], 0)
+        self._device = torch.device("cuda", torch.cuda.current_device())
+        self._stream = torch.cuda.Stream(device=self._device)
+        self._outputs = {
+            s.name: torch.empty(
+                (self._max_batch, s.shape[1]),
+                dtype=torch.float16 if s.dtype == "HALF" else torch.float32,
+                device=self._device,
+            )
+            for s in specs
+            if not s.is_input
+        }
+        self._context = engine.create_execution_context()
+        if self._context is None:
+            raise EngineLoadError("TensorRT could not create an execution context")
         self._lock = threading.Lock()
-        with buffers.activate():
-            self._context: TrtContext | None = engine.create_execution_context()
-            if self._context is None:
-                raise TensorRTLoadError("TensorRT could not create an execution context")
-            shapes = self._layout.buffer_shapes(self._max_batch, self._max_seq)
-            self._addresses = {
-                spec.name: buffers.allocate(spec.name, shapes[spec.name], spec.dtype)
-                for spec in self._layout.tensors
-            }
-        self._active_profile = 0  # a new context starts on profile 0
-        self._engine: TrtEngine | None = engine
-        self._keepalive: tuple[object, ...] = tuple(keepalive)  # e.g. the trt.Runtime
+        self._keepalive = (engine, *keepalive)  # the runtime must outlive the engine
 
     @classmethod
-    def load(
-        cls, plan_path: Path, *, device_index: int = 0, check_sidecar: bool = True
-    ) -> TensorRTBackend:
-        """Deserialize a plan built by `engines.build.trt.builder.build_engine` onto a GPU.
-
-        Checks the plan's sidecar (TensorRT release, compute capability) first when there
-        is one. Raises `TensorRTUnavailable` without tensorrt/CUDA, `TensorRTLoadError` for a
-        plan this host cannot run.
-        """
-        from engines.trt.lib import capture_errors, cuda_device, import_tensorrt, shared_logger
-        from engines.trt.meta import check_compatible, read_sidecar
-
-        plan_path = Path(plan_path)
-        if not plan_path.is_file():
-            raise TensorRTLoadError(f"TensorRT plan not found: {plan_path}")
+    def load(cls, plan: Path) -> TensorRTBackend:
+        """Deserialize a plan onto the current GPU, after checking its build record."""
+        plan = Path(plan)
+        if not plan.is_file():
+            raise EngineLoadError(f"TensorRT plan not found: {plan}")
         trt = import_tensorrt()
-        device = cuda_device(device_index)
-        info = read_sidecar(plan_path)
-        if info is not None and check_sidecar:
-            check_compatible(
-                info,
-                tensorrt_version=str(trt.__version__),
-                compute_capability=device.compute_capability,
-            )
-        buffers = TorchCudaBuffers(device.index)
-        try:
-            with buffers.activate(), capture_errors() as sink:
-                logger = shared_logger(trt)
-                runtime = trt.Runtime(logger)
-                engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
-            if engine is None:
-                raise TensorRTLoadError(
-                    f"TensorRT cannot deserialize {plan_path.name}: {sink.summary()}"
-                )
-            precision = info.precision if info is not None else "fp16"
-            return cls(engine, buffers=buffers, precision=precision, keepalive=(runtime, logger))
-        except BaseException:
-            buffers.release()
-            raise
+        import torch
+
+        record = json.loads(record_path(plan).read_text()) if record_path(plan).is_file() else {}
+        if record:
+            major, minor = torch.cuda.get_device_capability()
+            check_built_here(record, str(trt.__version__), f"{major}.{minor}")
+        logger = trt.Logger(trt.Logger.ERROR)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise EngineLoadError(f"TensorRT cannot deserialize {plan.name} (see its log above)")
+        return cls(engine, str(record.get("precision", "fp16")), (runtime, logger))
 
     @property
     def max_batch_size(self) -> int:
-        return self._max_batch
+        return int(self._max_batch)
 
     @property
     def max_seq_len(self) -> int:
-        return self._max_seq
+        return int(self._max_seq)
 
     @property
-    def num_labels(self) -> int:
-        return self._layout.num_labels
-
-    @property
-    def profiles(self) -> tuple[Profile, ...]:
-        return self._profiles
+    def embedding_dim(self) -> int:
+        return self._contract.width
 
     def run(
         self, input_ids: Int64Array, attention_mask: Int64Array
     ) -> tuple[Float32Array, Float32Array]:
-        batch, seq = check_request(
-            input_ids.shape, attention_mask.shape, max_batch=self._max_batch, max_seq=self._max_seq
-        )
-        profile = select_profile(self._profiles, batch, seq)
-        host = {
-            spec.name: to_input_dtype(array, spec.dtype)
-            for spec, array in zip(self._layout.inputs, (input_ids, attention_mask), strict=True)
-        }
+        check_batch_shape(input_ids, self.max_batch_size, self.max_seq_len)
+        if input_ids.shape != attention_mask.shape:
+            raise ValueError(f"input_ids {input_ids.shape} and attention_mask differ in shape")
+        n, seq = input_ids.shape
+        torch, dtype = self._torch, INPUT_DTYPES[self._contract.input_dtype]
         with self._lock:
             context = self._context
             if context is None:
-                raise TensorRTRuntimeError("the TensorRT backend is closed")
-            buffers = self._buffers
-            stream = buffers.stream_handle
-            with buffers.activate():
-                try:
-                    views = self._enqueue(context, stream, profile, host, batch, seq)
-                finally:
-                    buffers.synchronize()
-            out = to_float32(views)
-        return out["probs"], out["embedding"]
-
-    def _enqueue(
-        self,
-        context: TrtContext,
-        stream: int,
-        profile: int,
-        host: dict[str, npt.NDArray[Any]],
-        batch: int,
-        seq: int,
-    ) -> dict[str, npt.NDArray[Any]]:
-        if profile != self._active_profile:
-            if not context.set_optimization_profile_async(profile, stream):
-                raise TensorRTRuntimeError(f"TensorRT refused optimization profile {profile}")
-            self._active_profile = profile
-        for name, array in host.items():
-            self._buffers.upload(name, array)
-            if not context.set_input_shape(name, (batch, seq)):
-                raise ShapeError(f"TensorRT refused input shape {name}=[{batch}, {seq}]")
-        for spec in self._layout.tensors:
-            if not context.set_tensor_address(spec.name, self._addresses[spec.name]):
-                raise TensorRTRuntimeError(f"TensorRT refused the address of {spec.name}")
-        if not context.execute_async_v3(stream):
-            raise TensorRTRuntimeError(
-                f"execute_async_v3 failed for batch={batch}, seq={seq} (see the TensorRT log)"
-            )
-        return {
-            name: self._buffers.download(name, shape)
-            for name, shape in self._layout.output_shapes(batch).items()
-        }
+                raise EngineError("the TensorRT backend is closed")
+            with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+                held = []  # the input tensors live until the stream has run
+                for name, array in zip(INPUT_NAMES, (input_ids, attention_mask), strict=True):
+                    host = torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
+                    held.append(host.to(self._device, non_blocking=False))
+                    context.set_input_shape(name, (n, seq))
+                    context.set_tensor_address(name, held[-1].data_ptr())
+                for name, buffer in self._outputs.items():
+                    context.set_tensor_address(name, buffer.data_ptr())
+                if not context.execute_async_v3(self._stream.cuda_stream):
+                    raise EngineError(f"TensorRT failed to run a batch of {n}x{seq}")
+                out = {k: v[:n].float().cpu().numpy() for k, v in self._outputs.items()}
+                self._stream.synchronize()
+        probs = out.get("probs", np.zeros((n, 0), dtype=np.float32))
+        return probs, out["embedding"]
 
     def close(self) -> None:
-        """Free the context, engine and buffers. Safe to call twice."""
+        """Free the context, the engine and the buffers. Safe to call twice."""
         with self._lock:
-            if self._context is None:
-                return
             self._context = None
-            self._engine = None
-            self._buffers.release()
+            self._outputs = {}
             self._keepalive = ()

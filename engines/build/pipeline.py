@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.assets import models_dir, registry_dir
+from engines.build.parity import ParityReport, Thresholds, compare, fp16_numerics, reference_outputs
 from engines.errors import BackendUnavailable, BuildError, EngineError
 from engines.modeldir import (
     DEFAULT_MODEL_NAME,
@@ -29,7 +30,6 @@ from engines.modeldir import (
     hf_content_files,
     read_model,
 )
-from engines.build.parity import ParityReport, Thresholds, compare, fp16_numerics, reference_outputs
 from engines.registry import ACCEPTED, REJECTED, Manifest, Registry
 
 BACKENDS: dict[str, tuple[str, ...]] = {
@@ -139,27 +139,18 @@ def _stage_artifacts(
         return MODEL_JSON, extra
     # tensorrt
     from engines.build.export import export_model
+    from engines.build.tensorrt import build_plan
 
     onnx_path = export_model(info, "fp32", progress=progress)
-    try:
-        from engines.build.trt.builder import build_engine
-    except ImportError as exc:
-        raise BackendUnavailable(
-            f"the TensorRT builder cannot be imported ({exc}): pip install 'inflow[gpu]' "
-            "on a GPU host"
-        ) from None
     echo(f"building TensorRT {precision} plan (max batch {max_batch}, max seq {max_seq}) ...")
-    built = build_engine(
+    extra["tensorrt"] = build_plan(
         onnx_path,
         staging / "model.plan",
         max_batch=max_batch,
         max_seq=max_seq,
         fp16=precision == "fp16",
-        progress=echo if progress else None,
+        echo=echo if progress else None,
     )
-    to_json = getattr(built, "to_json", None)
-    if callable(to_json):
-        extra["tensorrt"] = to_json()
     return "model.plan", extra
 
 

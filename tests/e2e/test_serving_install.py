@@ -126,7 +126,7 @@ def test_the_wheel_holds_every_package_and_no_build_dependency(serving_venv: Pat
     assert report["heavy"] == [], "a serving module imported a build dependency"
     assert set(report["build_missing"].values()) <= BUILD_ONLY, report["build_missing"]
     serving = ["streams.worker", "streams.app", "streams.cli.main", "engines.load"]
-    serving += ["engines.backends.onnxruntime", "engines.trt.profiles", "indexer.bulk"]
+    serving += ["engines.backends.onnxruntime", "engines.backends.tensorrt", "indexer.bulk"]
     for must in serving:
         assert must in report["imported"], f"{must} missing from the wheel"
 
