@@ -187,8 +187,8 @@ def run_bench(
     echo: Callable[[str], None] | None = print,
 ) -> list[BenchRow]:
     """Benchmark engines named 'backend:precision' (from the model folder) or registry versions."""
-    from engines.build.pipeline import resolve_model
     from engines.build.data import sample_texts
+    from engines.build.pipeline import resolve_model
     from engines.load import load_engine
 
     say = echo or (lambda _m: None)
