@@ -91,8 +91,21 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server could listen on `port` now. SO_REUSEADDR as servers set it: a port
+    whose last connections sit in TIME_WAIT after a stop is free for them, and for us."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def ensure_port_free(port: int, what: str, host: str = LOOPBACK) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # see port_is_free
         try:
             sock.bind((host, port))
         except OSError:
@@ -154,18 +167,19 @@ def _exited(pid: int) -> bool:
     return state in "ZX"
 
 
-def _stop_pid(pid: int, marker: str, timeout_s: float = 20.0) -> None:
+def _stop_pid(pid: int, marker: str, timeout_s: float = 20.0) -> bool:
     """SIGTERM the PID if it still runs our command, wait until it has exited, then SIGKILL
-    as a last resort."""
+    as a last resort. True when there was something to stop."""
     if not _is_running(pid, marker):
-        return
-    os.kill(pid, signal.SIGTERM)
+        return False
+    with contextlib.suppress(ProcessLookupError):  # it may die between the check and now
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap it when it is our child (tests start it in-process)
         if _exited(pid):
-            return
+            return True
         time.sleep(0.1)
     if _is_running(pid, marker):
         with contextlib.suppress(ProcessLookupError):
@@ -175,6 +189,7 @@ def _stop_pid(pid: int, marker: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + 10
     while not _exited(pid) and time.monotonic() < deadline:  # not our child: let it finish
         time.sleep(0.1)
+    return True
 
 
 def _spawn(cmd: list[str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
@@ -481,12 +496,47 @@ class DevServices:
     def env_file(self) -> Path:
         return self.state_dir / "dev.env"
 
+    @property
+    def ports_file(self) -> Path:
+        return self.state_dir / "ports.json"
+
+    def _remembered_ports(self) -> dict[str, int]:
+        try:
+            ports = json.loads(self.ports_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return (
+            {k: v for k, v in ports.items() if isinstance(v, int)}
+            if isinstance(ports, dict)
+            else {}
+        )
+
+    def _remember_port(self, name: str, port: int) -> None:
+        ports = {**self._remembered_ports(), name: port}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.ports_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ports))
+        os.replace(tmp, self.ports_file)
+
+    def _port_for(self, name: str, asked: int) -> int:
+        """The port asked for; else (0) the one this state folder used last time, when it is
+        free, so that clients configured after an earlier `up` find the services again."""
+        if asked:
+            return asked
+        last = self._remembered_ports().get(name, 0)
+        if last and port_is_free(last):
+            return last
+        return 0
+
     # -- records
 
     def _record_path(self, name: str) -> Path:
         return self.pid_dir / f"{name}.json"
 
     def _save(self, record: ServiceRecord) -> None:
+        port = record.address.rsplit(":", 1)[-1]
+        if port.isdigit():
+            self._remember_port(record.name, int(port))
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         tmp = self._record_path(record.name).with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(record)))
@@ -521,6 +571,8 @@ class DevServices:
         """
         running_search = self.running("search")
         kafka = self.running("kafka")
+        kafka_port = self._port_for("kafka", kafka_port) if kafka is None else kafka_port
+        es_port = self._port_for("search", es_port) if running_search is None else es_port
         kind = self._broker_kind(broker) if kafka is None else kafka.kind
         search_kind = self._search_kind(search) if running_search is None else running_search.kind
         if running_search is None and es_port:
@@ -600,14 +652,17 @@ class DevServices:
         return "noida-db"
 
     def down(self) -> list[ServiceRecord]:
+        """Stop what runs from this state folder; return only what was really running (a PID
+        file left by a crashed service is removed, not reported as stopped). Data and ports
+        are kept for the next `up`."""
         stopped = []
         for name in ("kafka", "search"):
             record = self.load(name)
             if record is None:
                 continue
-            _stop_pid(record.pid, record.marker)
+            if _stop_pid(record.pid, record.marker):
+                stopped.append(record)
             self._record_path(name).unlink(missing_ok=True)
-            stopped.append(record)
         self.env_file.unlink(missing_ok=True)
         return stopped
 
@@ -689,10 +744,15 @@ class DevServices:
 
     def _start_apache_kafka(self, port: int, libs: Path) -> ServiceRecord:
         port = pick_port(port, "the Kafka broker")
-        controller_port = free_port()
+        # The data folder is kept across down/up and crashes (topics, offsets, transactions
+        # survive, as in production); KRaft's quorum names the controller's address, so it
+        # keeps its port too when it can.
+        controller_port = self._remembered_ports().get("kafka-controller", 0)
+        if not controller_port or controller_port == port or not port_is_free(controller_port):
+            controller_port = free_port()
+        self._remember_port("kafka-controller", controller_port)
         kafka_dir = self.state_dir / "kafka"
         data_dir = kafka_dir / "data"
-        shutil.rmtree(data_dir, ignore_errors=True)  # a dev broker starts empty every `up`
         kafka_dir.mkdir(parents=True, exist_ok=True)
         properties = kafka_dir / "server.properties"
         properties.write_text(
@@ -730,16 +790,18 @@ def launch_apache_kafka(
     `kafka-storage format` (e.g. `--add-scram` for SCRAM users)."""
     java = shutil.which("java") or "java"
     classpath = f"{libs}/*"
-    fmt = subprocess.run(
-        [
-            java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
-            "--cluster-id", _kafka_cluster_id(), "--config", str(properties), *format_args,
-        ],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if fmt.returncode != 0:
-        detail = (fmt.stderr or fmt.stdout).strip().splitlines()[-1:]
-        raise DevError(f"Kafka storage format failed: {' '.join(detail)}")
+    if not _kafka_formatted(properties):  # a broker restarted on its data keeps its cluster id
+        fmt = subprocess.run(
+            [
+                java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--standalone",
+                "--cluster-id", _kafka_cluster_id(), "--config", str(properties), *format_args,
+            ],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if fmt.returncode != 0:
+            lines = (fmt.stderr or fmt.stdout).strip().splitlines()
+            detail = [line for line in lines if "Exception" in line][:1] or lines[-1:]
+            raise DevError(f"Kafka storage format failed: {' '.join(detail)}")
     heap = os.environ.get("INFLOW_KAFKA_HEAP", "-Xms256m -Xmx1g").split()
     cmd = [
         java, *heap, "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
@@ -751,9 +813,21 @@ def launch_apache_kafka(
     return proc
 
 
-def stop_service(record: ServiceRecord) -> None:
-    """Stop a process we started, by its PID, once sure the PID still runs our command."""
-    _stop_pid(record.pid, record.marker)
+def _kafka_formatted(properties: Path) -> bool:
+    """Whether every log dir that `properties` names already holds KRaft storage."""
+    dirs = [
+        line.split("=", 1)[1].strip()
+        for line in properties.read_text().splitlines()
+        if line.startswith("log.dirs=")
+    ]
+    paths = [Path(d) for entry in dirs for d in entry.split(",") if d]
+    return bool(paths) and all((path / "meta.properties").exists() for path in paths)
+
+
+def stop_service(record: ServiceRecord) -> bool:
+    """Stop a process we started, by its PID, once sure the PID still runs our command.
+    True when it was running."""
+    return _stop_pid(record.pid, record.marker)
 
 
 def _with_port_retries(start: Callable[[int], ServiceRecord], port: int) -> ServiceRecord:

@@ -200,3 +200,91 @@ def test_a_failed_elasticsearch_start_is_a_one_line_error(env: dict[str, str]) -
     result = inflow("dev", "up", "--broker", "noida", "--search", "elasticsearch", env=env)
     _one_line_error(result, "Elasticsearch exited with code 1 at start-up", "elasticsearch/data")
     assert not (Path(env["INFLOW_STATE_DIR"]) / "pids" / "search.json").exists()
+
+
+def _kill_9(pid: int) -> None:
+    import signal
+    import time
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_up_after_a_crash_brings_both_back_with_their_data_on_the_same_ports(
+    env: dict[str, str],
+) -> None:
+    _genuine_tools()
+    first = inflow("dev", "up", "--broker", "kafka", "--search", "elasticsearch", env=env)
+    endpoints = _endpoints(first)
+    es_url, bootstrap = endpoints["INFLOW_ES_URL"], endpoints["INFLOW_KAFKA_BOOTSTRAP"]
+    doc = {"text": "kept across a crash"}
+    _es("PUT", f"{es_url}/dev-cli-crash/_doc/1?refresh=true", doc)
+    produced = subprocess.run(
+        [sys.executable, "-c", _PRODUCE_ONE, bootstrap], capture_output=True, text=True, timeout=60
+    )
+    assert produced.returncode == 0, produced.stderr
+    status = inflow("dev", "status", env=env)
+    pids = [int(pid) for pid in re.findall(r"pid (\d+)", status.stdout)]
+    assert len(pids) == 2
+    for pid in pids:
+        _kill_9(pid)
+
+    down = inflow("dev", "down", env=env)  # nothing runs: nothing is reported as stopped
+    assert down.returncode == 0 and "stopped" not in down.stdout, down.stdout
+    again = inflow("dev", "up", "--broker", "kafka", "--search", "elasticsearch", env=env)
+    assert _endpoints(again) == endpoints, "the same ports after a crash"
+    assert _es("GET", f"{es_url}/dev-cli-crash/_doc/1")["_source"] == doc
+    read = subprocess.run(
+        [sys.executable, "-c", _READ_ALL, bootstrap], capture_output=True, text=True, timeout=60
+    )
+    assert read.returncode == 0 and read.stdout.split() == ["kept-across-a-crash"], read
+
+    # After a clean down too: same ports, same data.
+    assert inflow("dev", "down", env=env).stdout.count("stopped") == 2
+    third = inflow("dev", "up", "--broker", "kafka", "--search", "elasticsearch", env=env)
+    assert _endpoints(third) == endpoints
+    read = subprocess.run(
+        [sys.executable, "-c", _READ_ALL, bootstrap], capture_output=True, text=True, timeout=60
+    )
+    assert read.stdout.split() == ["kept-across-a-crash"], read
+
+
+_PRODUCE_ONE = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+async def main():
+    admin = AIOKafkaAdminClient(bootstrap_servers=sys.argv[1])
+    await admin.start()
+    await admin.create_topics([NewTopic("dev-cli-crash", 1, 1)])
+    await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=sys.argv[1], acks="all")
+    await producer.start()
+    await producer.send_and_wait("dev-cli-crash", b"kept-across-a-crash")
+    await producer.stop()
+
+asyncio.run(main())
+"""
+
+_READ_ALL = """
+import asyncio, sys
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+async def main():
+    consumer = AIOKafkaConsumer(bootstrap_servers=sys.argv[1])
+    await consumer.start()
+    tp = TopicPartition("dev-cli-crash", 0)
+    consumer.assign([tp])
+    await consumer.seek_to_beginning(tp)
+    batch = await consumer.getmany(timeout_ms=5000)
+    for records in batch.values():
+        for record in records:
+            print(record.value.decode())
+    await consumer.stop()
+
+asyncio.run(main())
+"""
