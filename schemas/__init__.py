@@ -5,9 +5,11 @@ This package knows nothing about Kafka clients, engines or Elasticsearch.
 
 from schemas.codec import (
     DEAD_LETTER_HEADERS,
+    HEADER_ENGINE_VERSION,
     HEADER_ERROR_CODE,
     HEADER_ERROR_MESSAGE,
     HEADER_ERROR_STAGE,
+    HEADER_REPLAY_COUNT,
     HEADER_SCHEMA_VERSION,
     HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION,
@@ -21,6 +23,7 @@ from schemas.codec import (
     now_rfc3339,
     parse_dead_letter_headers,
     parse_rfc3339_ms,
+    replay_count,
     rfc3339_from_ms,
 )
 from schemas.files import SCHEMA_NAMES, load_json_schema
@@ -46,9 +49,11 @@ from schemas.models import (
 __all__ = [
     "DEAD_LETTER_HEADERS",
     "EMBEDDING_DIM",
+    "HEADER_ENGINE_VERSION",
     "HEADER_ERROR_CODE",
     "HEADER_ERROR_MESSAGE",
     "HEADER_ERROR_STAGE",
+    "HEADER_REPLAY_COUNT",
     "HEADER_SCHEMA_VERSION",
     "HEADER_SOURCE_OFFSET",
     "HEADER_SOURCE_PARTITION",
@@ -79,5 +84,6 @@ __all__ = [
     "now_rfc3339",
     "parse_dead_letter_headers",
     "parse_rfc3339_ms",
+    "replay_count",
     "rfc3339_from_ms",
 ]

@@ -42,6 +42,12 @@ HEADER_SOURCE_TOPIC = "inflow.source.topic"
 HEADER_SOURCE_PARTITION = "inflow.source.partition"
 HEADER_SOURCE_OFFSET = "inflow.source.offset"
 HEADER_SCHEMA_VERSION = "inflow.schema.version"
+# Set by `inflow dlq replay` on a replayed record, carried by the worker onto its prediction
+# and onto a dead letter it becomes again: how often this event has been replayed.
+HEADER_REPLAY_COUNT = "inflow.replay.count"
+# The engine version serving when the record gave up (infer stage), or that made the
+# prediction (index stage): `inflow dlq` filters on it.
+HEADER_ENGINE_VERSION = "inflow.engine.version"
 DEAD_LETTER_HEADERS = (
     HEADER_ERROR_CODE,
     HEADER_ERROR_MESSAGE,
@@ -50,6 +56,8 @@ DEAD_LETTER_HEADERS = (
     HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_OFFSET,
     HEADER_SCHEMA_VERSION,
+    HEADER_REPLAY_COUNT,
+    HEADER_ENGINE_VERSION,
 )
 # A header travels with every dead letter; long exception texts are cut to keep it small.
 MAX_ERROR_MESSAGE_CHARS = 1_000
@@ -394,9 +402,19 @@ def _bad_prediction(detail: str, version: str = PREDICTION_VERSION) -> DecodeErr
 
 
 def dead_letter_headers(
-    error: DecodeError, *, topic: str, partition: int, offset: int, stage: str
+    error: DecodeError,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    stage: str,
+    replay_count: int = 0,
+    engine_version: str | None = None,
 ) -> list[tuple[str, bytes]]:
     """Kafka headers for a dead-lettered record (the value stays the original bytes).
+
+    `replay_count` (the record's own `inflow.replay.count`, see `replay_count`) is kept, so a
+    replayed record that dead-letters again still says how often it was replayed.
 
     Raises ValueError if `error.code` is not an ErrorCode or `stage` not a Stage: both are
     fixed at the call site, so this is a programming error, never a data error.
@@ -407,7 +425,9 @@ def dead_letter_headers(
     message = " ".join(error.message.split())
     if len(message) > MAX_ERROR_MESSAGE_CHARS:
         message = message[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
-    return [
+    if replay_count < 0:
+        raise ValueError(f"replay_count must be 0 or more, got {replay_count}")
+    headers = [
         (HEADER_ERROR_CODE, code.value.encode()),
         (HEADER_ERROR_MESSAGE, message.encode("utf-8", "replace")),
         (HEADER_ERROR_STAGE, stage_.value.encode()),
@@ -416,6 +436,26 @@ def dead_letter_headers(
         (HEADER_SOURCE_OFFSET, str(offset).encode()),
         (HEADER_SCHEMA_VERSION, SCHEMA_VERSION.encode()),
     ]
+    if replay_count:
+        headers.append((HEADER_REPLAY_COUNT, str(replay_count).encode()))
+    if engine_version:
+        headers.append((HEADER_ENGINE_VERSION, engine_version.encode("utf-8", "replace")))
+    return headers
+
+
+def replay_count(
+    headers: Iterable[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None,
+) -> int:
+    """A record's `inflow.replay.count` (0 when absent or not a non-negative integer)."""
+    if not headers:
+        return 0
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    count = 0
+    for name, value in pairs:
+        if name == HEADER_REPLAY_COUNT and value is not None:
+            text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+            count = int(text) if text.isdigit() else 0  # a repeated name: the last one wins
+    return count
 
 
 def parse_dead_letter_headers(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -302,4 +303,16 @@ async def input_record(event: Any, budget: InFlightBudget) -> InputRecord:
         message.value,
         ack,
         timestamp=message.timestamp,
+        headers=header_list(message.headers),
     )
+
+
+def header_list(headers: Any) -> Headers | None:
+    """Faust gives a message's headers as a list of pairs or a mapping: pairs, or None."""
+    if not headers:
+        return None
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return [
+        (str(name), value.encode() if isinstance(value, str) else bytes(value or b""))
+        for name, value in pairs
+    ]

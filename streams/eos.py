@@ -147,6 +147,7 @@ class TransactionalInfer:
                     message.value,
                     _noop,
                     timestamp=message.timestamp / 1000 if message.timestamp else None,
+                    headers=list(message.headers) or None,
                 )
             )
         await stage.drain()

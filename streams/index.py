@@ -48,6 +48,7 @@ class IndexStage:
     async def handle_batch(self, records: Sequence[InputRecord]) -> None:
         docs: list[dict[str, Any]] = []
         by_id: dict[str, InputRecord] = {}
+        versions: dict[str, str] = {}  # id -> the engine version that made the prediction
         for record in records:
             decoded = decode_prediction(record.value or b"")
             if isinstance(decoded, DecodeError):
@@ -55,6 +56,7 @@ class IndexStage:
                 continue
             docs.append(msgspec.to_builtins(decoded))
             by_id[decoded.id] = record  # a re-delivered id keeps its newest record
+            versions[decoded.id] = decoded.model.version
         if docs:
             # The writer retries on its own; if Elasticsearch stays down we keep trying and
             # never ack, so nothing is committed that the index has not accepted. A permanent
@@ -74,15 +76,25 @@ class IndexStage:
                     continue
                 self._metrics.index_rejected.inc()
                 await self._dead_letter(
-                    owner, DecodeError(ErrorCode.INDEX_REJECTED, rejected.reason)
+                    owner,
+                    DecodeError(ErrorCode.INDEX_REJECTED, rejected.reason),
+                    engine_version=versions.get(rejected.id or ""),
                 )
         for record in records:
             record.ack()
 
-    async def _dead_letter(self, record: InputRecord, error: DecodeError) -> None:
+    async def _dead_letter(
+        self, record: InputRecord, error: DecodeError, engine_version: str | None = None
+    ) -> None:
         stage = Stage.INDEX if error.code == ErrorCode.INDEX_REJECTED else Stage.DECODE
         headers = dead_letter_headers(
-            error, topic=record.topic, partition=record.partition, offset=record.offset, stage=stage
+            error,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            stage=stage,
+            replay_count=record.replay_count,
+            engine_version=engine_version,
         )
         value = record.value  # a tombstone stays a tombstone (None)
 

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from schemas import (
+    HEADER_REPLAY_COUNT,
     DecodeError,
     ErrorCode,
     ModelRef,
@@ -28,6 +29,7 @@ from schemas import (
     decode_event,
     encode_prediction,
     now_rfc3339,
+    replay_count,
     rfc3339_from_ms,
 )
 from streams.batcher import Batcher, InferenceFailed, ItemResult
@@ -57,6 +59,19 @@ class InputRecord:
     value: bytes | None
     ack: Callable[[], object]
     timestamp: float | None = None  # the record's Kafka timestamp, seconds since the epoch
+    headers: Headers | None = None  # the record's Kafka headers
+
+    @property
+    def replay_count(self) -> int:
+        """How often `inflow dlq replay` put this record back (its `inflow.replay.count`)."""
+        return replay_count(self.headers)
+
+
+def carried_headers(record: InputRecord) -> Headers | None:
+    """The headers an output of `record` carries on: its replay count, so that a replayed
+    event that fails again downstream keeps it (`inflow dlq replay` refuses endless loops)."""
+    count = record.replay_count
+    return [(HEADER_REPLAY_COUNT, str(count).encode())] if count else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,18 +143,23 @@ class InferStage:
     ) -> None:
         prediction = build_prediction(record, event, result)
         value = encode_prediction(prediction)
-        await self._send(self._topics.predictions, event.id.encode(), value, None)
+        await self._send(
+            self._topics.predictions, event.id.encode(), value, carried_headers(record)
+        )
         self._metrics.predictions.labels(label=prediction.label).inc()
         self._metrics.queue_ms.observe(result.queue_ms)
         self._metrics.observe_published(event.ts_ms, record.timestamp)
 
     async def _dead_letter(self, record: InputRecord, error: DecodeError, stage: Stage) -> None:
+        identity = self._batcher.identity if stage == Stage.INFER else None
         headers = dead_letter_headers(
             error,
             topic=record.topic,
             partition=record.partition,
             offset=record.offset,
             stage=stage,
+            replay_count=record.replay_count,
+            engine_version=identity.version if identity is not None else None,
         )
         # The value stays the original bytes; a tombstone stays a tombstone (None, not b"").
         await self._send(self._topics.dead_letters, record.key, record.value, headers)

@@ -150,6 +150,88 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     )
 
 
+def _selection(args: argparse.Namespace) -> Any:
+    from streams.cli.dlq import Selection, parse_time
+
+    return Selection(
+        codes=frozenset(args.code or ()),
+        stages=frozenset(args.stage or ()),
+        engine_versions=frozenset(args.engine_version or ()),
+        since_ms=None if args.since is None else parse_time(args.since),
+        until_ms=None if args.until is None else parse_time(args.until),
+    )
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    from streams.cli.dlq import run_list
+
+    return run_list(
+        _settings(args), args.topic, _selection(args), limit=args.limit, as_json=args.json
+    )
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    from streams.cli.dlq import run_show
+
+    return run_show(_settings(args), args.position, max_bytes=args.max_bytes)
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from streams.cli.dlq import run_replay
+
+    return run_replay(
+        _settings(args),
+        args.topic,
+        _selection(args),
+        max_replays=args.max_replays,
+        to_topic=args.to_topic,
+        dry_run=args.dry_run,
+    )
+
+
+def _add_dlq_commands(sub: Any) -> None:
+    from streams.cli.dlq import DEFAULT_MAX_REPLAYS
+
+    dlq = sub.add_parser("dlq", help="list, show and replay dead letters")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument(
+        "--topic",
+        choices=("texts", "predictions", "all"),
+        default="all",
+        help="which dead-letter topic: the input's, the predictions', or both (all)",
+    )
+    filters.add_argument("--code", action="append", help="error code (repeatable)")
+    filters.add_argument("--stage", action="append", help="decode, infer or index (repeatable)")
+    filters.add_argument("--engine-version", action="append", help="engine version (repeatable)")
+    filters.add_argument(
+        "--since", default=None, help="dead-lettered at or after: RFC 3339, epoch ms, or 30m/2h/7d"
+    )
+    filters.add_argument("--until", default=None, help="dead-lettered before (same forms)")
+    listing = dlq_sub.add_parser("list", parents=[filters], help="dead letters, oldest first")
+    listing.add_argument("--limit", type=int, default=50, help="lines shown, newest (0: all)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_dlq_list)
+    show = dlq_sub.add_parser("show", help="one dead letter: headers, value, replay state")
+    show.add_argument("position", help="TOPIC:PARTITION:OFFSET, as `dlq list` prints it")
+    show.add_argument("--max-bytes", type=int, default=4000, help="value bytes printed")
+    show.set_defaults(handler=cmd_dlq_show)
+    rep = dlq_sub.add_parser(
+        "replay",
+        parents=[filters],
+        help="put dead letters back on the topic they came from (original key and bytes)",
+    )
+    rep.add_argument(
+        "--max-replays",
+        type=int,
+        default=DEFAULT_MAX_REPLAYS,
+        help=f"refuse a record replayed this many times already ({DEFAULT_MAX_REPLAYS})",
+    )
+    rep.add_argument("--to-topic", default=None, help="instead of each one's source topic")
+    rep.add_argument("--dry-run", action="store_true", help="say what would be replayed")
+    rep.set_defaults(handler=cmd_dlq_replay)
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -278,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--png", type=Path, default=Path("pipeline-bench.png"))
     pipeline.add_argument("--no-chart", action="store_true", help="no PNG (no matplotlib)")
     pipeline.set_defaults(handler=cmd_bench_pipeline)
+
+    _add_dlq_commands(sub)
 
     try:
         from streams.cli.engine import add_commands

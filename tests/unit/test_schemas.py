@@ -41,6 +41,7 @@ from schemas import (
     now_rfc3339,
     parse_dead_letter_headers,
     parse_rfc3339_ms,
+    replay_count,
     rfc3339_from_ms,
 )
 
@@ -493,6 +494,23 @@ def test_dead_letter_headers_from_every_stage_validate() -> None:
             parsed = parse_dead_letter_headers(headers)
             assert v.is_valid(parsed)
             assert len(parsed["inflow.error.message"]) <= 1000
+
+
+def test_dead_letter_headers_keep_the_replay_count_and_name_the_engine() -> None:
+    error = DecodeError(ErrorCode.INDEX_REJECTED, "mapper_parsing_exception")
+    headers = dead_letter_headers(
+        error, topic="p", partition=1, offset=7, stage="index", replay_count=2, engine_version="v3"
+    )
+    parsed = parse_dead_letter_headers(headers)
+    assert parsed["inflow.replay.count"] == "2"
+    assert parsed["inflow.engine.version"] == "v3"
+    assert validator("dead_letter_headers").is_valid(parsed)
+    assert replay_count(headers) == 2 and replay_count(dict(headers)) == 2
+    plain = dead_letter_headers(error, topic="p", partition=1, offset=7, stage="index")
+    assert replay_count(plain) == 0 and "inflow.replay.count" not in dict(plain)
+    assert replay_count(None) == 0 and replay_count([("inflow.replay.count", b"x")]) == 0
+    with pytest.raises(ValueError):
+        dead_letter_headers(error, topic="p", partition=1, offset=7, stage="index", replay_count=-1)
 
 
 def test_dead_letter_headers_reject_unknown_code_or_stage() -> None:

@@ -185,3 +185,41 @@ async def test_index_buffer_flushes_by_size_and_by_age() -> None:
     assert writer.calls == 2 and len(writer.docs) == 5  # the last 2 went when old enough
     await buffer.stop()
     assert sorted(acks.offsets) == [0, 1, 2, 3, 4]
+
+
+async def test_a_replayed_record_keeps_its_replay_count_downstream() -> None:
+    """`inflow dlq replay` marks a record with inflow.replay.count: its prediction carries the
+    count on, and a dead letter it becomes again keeps it (so replay can refuse loops)."""
+    replayed = [("inflow.replay.count", b"2")]
+    publisher = FakePublisher()
+    metrics = Metrics()
+    batcher = Batcher(FakeEngine(fail_on="poison"), BatchPolicy(8, 10_000, 5))
+    stage = InferStage(batcher, publisher, TOPICS, metrics, max_in_flight=16)
+    await batcher.start()
+    acks = Acks()
+    for offset, text in enumerate(["fine", "poison"]):
+        record = acks.record(offset, encode_event(text, id=text))
+        await stage.handle(dataclasses.replace(record, headers=replayed))
+    await stage.handle(acks.record(2, b"{bad"))  # never replayed: no count
+    await stage.drain()
+    await batcher.stop()
+    [(_, _, value, headers)] = publisher.on("preds")
+    assert headers == replayed
+    dead = [parse_dead_letter_headers(h or []) for _, _, _, h in publisher.on("texts.dlq")]
+    [poison] = [h for h in dead if h["inflow.error.code"] == "inference_failed"]
+    assert poison["inflow.replay.count"] == "2"
+    assert poison["inflow.engine.version"] == "v-test"
+    [bad] = [h for h in dead if h["inflow.error.code"] == "invalid_json"]
+    assert "inflow.replay.count" not in bad and "inflow.engine.version" not in bad
+
+    index_publisher = FakePublisher()
+    predicted = decode_prediction(value or b"")
+    assert isinstance(predicted, Prediction) and predicted.label is not None
+    writer = FakeWriter(reject_labels=[predicted.label])
+    index = IndexStage(writer, index_publisher, "p.dlq", metrics)
+    await index.handle_batch([dataclasses.replace(acks.record(5, value), headers=headers)])
+    [(_, _, _, dead_headers)] = index_publisher.on("p.dlq")
+    parsed = parse_dead_letter_headers(dead_headers or [])
+    assert parsed["inflow.error.code"] == "index_rejected"
+    assert parsed["inflow.replay.count"] == "2"
+    assert parsed["inflow.engine.version"] == "v-test"
