@@ -89,6 +89,10 @@ class Manifest:
     # Manifests written before these fields existed are the default classifier's.
     task: str = "classification"  # "classification" | "embedding"
     embedding_dim: int = 384
+    # What the engine predicts on the evaluation split of its model's data (labels and
+    # confidence, engines.drift.Distribution.to_dict): the reference of the live drift watch.
+    # None for an embedder, or for a build that predates it (`inflow engine baseline`).
+    baseline: dict[str, Any] | None = None
 
     @property
     def accepted(self) -> bool:
@@ -278,6 +282,15 @@ class Registry:
                 f"no earlier active engine recorded in {self.root}: "
                 "`inflow engine activate VERSION` picks one"
             )
+
+    def record_baseline(self, version: str, baseline: dict[str, Any]) -> Manifest:
+        """Write `version`'s drift baseline into its manifest (for builds made before builds
+        recorded one). The artifacts and their hashes are untouched."""
+        with self._locked():
+            manifest = self.get(version)
+            manifest.baseline = baseline
+            write_atomic(self.path(version) / MANIFEST, manifest.to_json())
+        return manifest
 
     def deactivate(self) -> None:
         with self._locked(), contextlib.suppress(FileNotFoundError):

@@ -177,6 +177,19 @@ def build_label_counts_query(
     }
 
 
+def build_recent_outputs_query(
+    model_version: str, *, size: int, since: DateLike | None = None
+) -> dict[str, Any]:
+    """The latest ``size`` documents of one model version, newest first: labels and scores."""
+    filters = build_filters(model_version=model_version, since=since)
+    return {
+        "size": size,
+        "query": {"bool": {"filter": filters}},
+        "sort": [{"processed_ts": {"order": "desc"}}],
+        "_source": ["label", "scores"],
+    }
+
+
 def build_time_histogram_query(
     *,
     interval: str = "1h",
@@ -409,6 +422,21 @@ class Searcher:
         )
         body = build_label_counts_query(q=q, filters=filters, size=size)
         return parse_label_counts(await self._search(body))
+
+    async def recent_outputs(
+        self, model_version: str, *, size: int = 1000, since: DateLike | None = None
+    ) -> list[tuple[str | None, dict[str, float]]]:
+        """(label, scores) of the latest ``size`` predictions of ``model_version`` (by
+        processed_ts), for comparing what a model predicts live with its evaluation split."""
+        _check_k(size)
+        body = build_recent_outputs_query(model_version, size=size, since=since)
+        hits = (await self._search(body)).get("hits", {}).get("hits", [])
+        out: list[tuple[str | None, dict[str, float]]] = []
+        for hit in hits:
+            source = hit.get("_source", {})
+            scores = source.get("scores") or {}
+            out.append((source.get("label"), {k: float(v) for k, v in scores.items()}))
+        return out
 
     async def time_histogram(
         self,

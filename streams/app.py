@@ -15,12 +15,14 @@ from typing import Any
 
 import faust
 
+from engines.drift import Distribution
 from engines.errors import EngineError
 from engines.registry import Registry
 from indexer import BulkWriter, EsSettings, Searcher, ensure_index, index_problem
 from indexer.client import describe_es_error
 from streams.batcher import Batcher, BatchPolicy
 from streams.config import Settings
+from streams.drift import DriftWatch
 from streams.eos import TransactionalInfer
 from streams.flow import InFlightBudget, record_cost
 from streams.health import WorkerHealth
@@ -33,6 +35,12 @@ from streams.metrics import Metrics
 from streams.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+
+def baseline_of(registry: Registry, version: str) -> Distribution | None:
+    """The drift baseline an engine's build recorded (None: an embedder, or an old build)."""
+    recorded = registry.get(version).baseline
+    return None if recorded is None else Distribution.from_dict(recorded)
 
 
 def es_settings(settings: Settings) -> EsSettings:
@@ -164,6 +172,13 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     )
     app_state.update(health=health)
     metrics.watch_engine(lambda: batcher.identity)
+    metrics.watch_drift(
+        DriftWatch(
+            lambda version: baseline_of(registry, version),
+            window=settings.drift_window,
+            min_samples=settings.drift_min_samples,
+        )
+    )
     metrics.watch_lag(lambda: lag.last, max_age_s=3 * settings.health_poll_s)
 
     exactly_once = settings.processing_guarantee == "exactly_once"

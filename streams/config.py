@@ -119,6 +119,10 @@ class Settings:
     # /health/live fails when a partition has lag but its committed offset stood still this long
     stall_after_s: float = 120.0
     log_level: str = "info"
+    # Drift watch (streams.drift): the latest this-many predictions per engine version are
+    # compared with its evaluation split; the index is shown from drift_min_samples on.
+    drift_window: int = 1000
+    drift_min_samples: int = 100
 
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -180,6 +184,11 @@ class Settings:
             )
         if self.health_poll_s <= 0 or self.stall_after_s <= 0:
             raise ConfigError("INFLOW_HEALTH_POLL_S and INFLOW_STALL_AFTER_S must be positive")
+        if self.drift_window < 1 or not 1 <= self.drift_min_samples <= self.drift_window:
+            raise ConfigError(
+                "INFLOW_DRIFT_WINDOW must be at least 1 and INFLOW_DRIFT_MIN_SAMPLES within "
+                "1..INFLOW_DRIFT_WINDOW"
+            )
         if not 0 <= self.web_port <= 65535:
             raise ConfigError("INFLOW_WEB_PORT must be a TCP port (0-65535)")
         if not -1 <= self.search_port <= 65535:

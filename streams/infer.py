@@ -146,7 +146,9 @@ class InferStage:
         await self._send(
             self._topics.predictions, event.id.encode(), value, carried_headers(record)
         )
-        self._metrics.predictions.labels(label=prediction.label).inc()
+        self._metrics.observe_prediction(
+            prediction.model.version, prediction.label, prediction.scores
+        )
         self._metrics.queue_ms.observe(result.queue_ms)
         self._metrics.observe_published(event.ts_ms, record.timestamp)
 

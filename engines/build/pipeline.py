@@ -24,6 +24,7 @@ from engines.modeldir import (
     HEAD_FILE,
     KIND_HEAD,
     MODEL_JSON,
+    TASK_CLASSIFICATION,
     TOKENIZER_FILE,
     ModelInfo,
     find_model,
@@ -63,6 +64,56 @@ def resolve_model(
     from engines.build.train import train
 
     return read_model(train("sentiment", frozen=True, out_dir=root, progress=progress, echo=echo))
+
+
+def drift_baseline(info: ModelInfo, probs: Any, n: int) -> dict[str, Any]:
+    """The drift watch's reference: labels and confidence of an engine's class probabilities
+    on the evaluation split (`parity_examples`)."""
+    from engines.drift import Distribution
+
+    source = str(info.meta.get("train", {}).get("source", "sentiment"))
+    return Distribution.of_scores(
+        info.labels, probs.tolist(), source=f"validation split of {source} (n={n})"
+    ).to_dict()
+
+
+def baseline_is_current(manifest: Manifest) -> bool:
+    from engines.drift import Distribution
+
+    return Distribution.is_current(manifest.baseline)
+
+
+def record_baseline(
+    version: str | None = None,
+    registry_root: Path | str | None = None,
+    models_root: Path | None = None,
+    parity_texts: int = DEFAULT_PARITY_TEXTS,
+    echo: Echo = print,
+) -> Manifest:
+    """Record the drift baseline of a version built before builds recorded one: the engine
+    runs on the same evaluation split as its parity gate."""
+    from engines.load import open_engine
+
+    registry = Registry(Path(registry_root) if registry_root is not None else registry_dir())
+    version = version or registry.active_version()
+    if version is None:
+        raise BuildError(f"no active engine in {registry.root}: name a version")
+    manifest = registry.verify(version)
+    if manifest.task != TASK_CLASSIFICATION:
+        raise BuildError(f"{version} is an embedder: drift is watched on classifiers' labels")
+    folder = (models_root or models_dir()) / f"{manifest.model_name}-{manifest.model_hash[:12]}"
+    info = read_model(folder) if folder.is_dir() else None
+    if info is None or info.hash != manifest.model_hash:
+        raise BuildError(f"the model of {version} is not under {folder}: cannot recreate its split")
+    examples = parity_examples(info, parity_texts)
+    engine = open_engine(registry.path(version), manifest, warmup=False)
+    try:
+        probs, _, _ = engine.run_raw([t for t, _ in examples])
+    finally:
+        engine.close()
+    updated = registry.record_baseline(version, drift_baseline(info, probs, len(examples)))
+    echo(f"recorded the drift baseline of {version} on {len(examples)} evaluation texts")
+    return updated
 
 
 def parity_examples(info: ModelInfo, n: int = DEFAULT_PARITY_TEXTS) -> list[tuple[str, str]]:
@@ -161,12 +212,17 @@ def gate(
     thresholds: Thresholds,
     precision: str,
     max_seq: int,
+    baseline: dict[str, Any] | None = None,
 ) -> ParityReport:
-    """Run the parity gate of a loaded candidate engine on labelled examples."""
+    """Run the parity gate of a loaded candidate engine on labelled examples. A classifier's
+    label and confidence distribution on them goes into `baseline` when given (the drift
+    watch's reference, engines.drift)."""
     texts = [t for t, _ in examples]
     gold = [label for _, label in examples]
     ref_p, ref_e = reference_outputs(info, texts, max_seq)
     cand_p, cand_e, _ = candidate.run_raw(texts)
+    if baseline is not None and info.task == TASK_CLASSIFICATION:
+        baseline.update(drift_baseline(info, cand_p, len(texts)))
     numerics = fp16_numerics(info, texts, "float16", max_seq) if precision == "fp16" else None
     labels_known = set(gold) <= set(info.labels)
     return compare(
@@ -249,13 +305,21 @@ def build(
 
         say(f"parity gate: {backend} {precision} vs torch fp32 on {parity_texts} texts ...")
         candidate = open_engine(staging, draft, warmup=True)
+        baseline: dict[str, Any] = {}
         try:
             report = gate(
-                candidate, info, parity_examples(info, parity_texts), th, precision, max_seq
+                candidate,
+                info,
+                parity_examples(info, parity_texts),
+                th,
+                precision,
+                max_seq,
+                baseline,
             )
         finally:
             candidate.close()
         draft.parity = report.to_dict()
+        draft.baseline = baseline or None
         draft.status = ACCEPTED if report.passed else REJECTED
         draft.reason = "; ".join(report.failures)
         draft.extra["build_seconds"] = round(time.perf_counter() - started, 1)
@@ -293,6 +357,8 @@ def ensure(
             say(f"active engine {current} is unusable ({exc}); building a new one")
         else:
             say(f"active engine: {current} ({manifest.backend} {manifest.precision})")
+            if manifest.task == TASK_CLASSIFICATION and not baseline_is_current(manifest):
+                manifest = record_baseline(current, registry.root, models_root, echo=say)
             return manifest
     info = resolve_model(None, models_root, progress, say)
     for precision in ("int8", "fp32"):

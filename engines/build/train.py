@@ -28,12 +28,13 @@ from engines.build.data import (
     DEFAULT_SEED,
     Example,
     load_dataset,
+    review_examples,
     stratified_sample,
     stratified_split,
 )
-from engines.errors import DataError
 from engines.build.metrics import EvalReport, evaluate
 from engines.build.model import ServingModel, load_encoder
+from engines.errors import DataError
 from engines.modeldir import (
     ENCODER_SUBDIR,
     HEAD_FILE,
@@ -49,6 +50,7 @@ DEFAULT_MAX_TRAIN_FROZEN = 6000
 DEFAULT_MAX_TRAIN_FINETUNE = 2000
 DEFAULT_MAX_EVAL = 2000
 DEFAULT_EPOCHS = 1
+DEFAULT_OUT_OF_DOMAIN = 500  # IMDB reviews scored after training a sentiment model
 EMBED_BATCH = 64
 C_GRID = (1.0, 4.0, 16.0)
 
@@ -121,6 +123,43 @@ def _predict_labels(
     with torch.inference_mode():
         logits = model.head(torch.from_numpy(emb)).numpy()
     return [model.labels[i] for i in logits.argmax(axis=1)]
+
+
+def _scores(
+    model: ServingModel,
+    tokenizer: Tokenizer,
+    test_set: Sequence[Example],
+    reviews: Sequence[Example],
+    progress: bool,
+) -> dict[str, EvalReport]:
+    """In-domain (held-back test split) and, for sentiment, out-of-domain (reviews) reports."""
+    out = {
+        "in_domain": evaluate(
+            [label for _, label in test_set],
+            _predict_labels(model, tokenizer, [t for t, _ in test_set], progress),
+            model.labels,
+        )
+    }
+    if reviews:
+        gold = [label for _, label in reviews]
+        out["out_of_domain"] = evaluate(
+            gold,
+            _predict_labels(model, tokenizer, [t for t, _ in reviews], progress),
+            sorted(set(gold)),
+        )
+    return out
+
+
+def _summary(scores: dict[str, EvalReport]) -> dict[str, dict[str, float]]:
+    return {
+        key: {
+            "accuracy": round(r.accuracy, 4),
+            "balanced_accuracy": round(r.balanced_accuracy, 4),
+            "macro_f1": round(r.macro_f1, 4),
+            "n": r.n,
+        }
+        for key, r in scores.items()
+    }
 
 
 def _finetune(
@@ -197,11 +236,16 @@ def train(
     threads: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = print,
+    out_of_domain: int = DEFAULT_OUT_OF_DOMAIN,
+    compare_frozen: bool = True,
 ) -> Path:
     """Train a head (frozen encoder) or fine-tune encoder + head; write a model folder.
 
     `max_train` caps the (stratified) training examples: default 6,000 frozen, 2,000 fine-tuned.
-    Evaluation uses the held-back test split, capped at `max_eval` examples.
+    Evaluation uses the held-back test split, capped at `max_eval` examples; a sentiment model
+    is also scored on `out_of_domain` IMDB movie reviews (positive/negative) that training never
+    sees; with `compare_frozen`, a fine-tuned one is compared with the frozen-encoder head it
+    starts from (the same training texts) on the same test texts and reviews.
     Returns `<out_dir>/<name>-<hash12>`; out_dir defaults to env INFLOW_MODEL_DIR or .inflow/models.
     """
     set_offline()
@@ -236,16 +280,25 @@ def train(
     with torch.no_grad():
         model.head.weight.copy_(torch.from_numpy(weight))
         model.head.bias.copy_(torch.from_numpy(bias))
+    reviews: list[Example] = []
+    if ds.name == "sentiment" and out_of_domain:
+        try:
+            reviews = review_examples(out_of_domain, seed)
+        except DataError as exc:
+            say(f"no out-of-domain figures: {exc}")
     losses: list[float] = []
+    baseline: dict[str, EvalReport] = {}
+    if not frozen and compare_frozen:
+        baseline = _scores(model, tokenizer, test_set, reviews, progress)
     if not frozen:
         losses = _finetune(
             model, tokenizer, train_set, epochs, batch_size, lr, head_lr, seed, progress
         )
     fit_s = time.perf_counter() - started
     t0 = time.perf_counter()
-    predicted = _predict_labels(model, tokenizer, [t for t, _ in test_set], progress)
+    scores = _scores(model, tokenizer, test_set, reviews, progress)
     eval_s = time.perf_counter() - t0
-    report = evaluate([label for _, label in test_set], predicted, labels)
+    report = scores["in_domain"]
     train_info: dict[str, Any] = {
         "dataset": ds.name,
         "source": str(Path(dataset).resolve())
@@ -264,7 +317,10 @@ def train(
         "fit_seconds": round(fit_s, 2),
         "eval_seconds": round(eval_s, 2),
         "threads": torch.get_num_threads(),
+        "scores": _summary(scores),
     }
+    if baseline:
+        train_info["frozen_head_scores"] = _summary(baseline)
 
     root = Path(out_dir) if out_dir is not None else models_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -315,5 +371,13 @@ def train(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(full.table())
+    say("")
+    for title, found in (("frozen-encoder head", baseline), (name, scores)):
+        for key, where in (
+            ("in_domain", "tweets (in domain)"),
+            ("out_of_domain", "IMDB reviews (out of domain)"),
+        ):
+            if key in found:
+                say(f"{title:<26} {where:<30} {found[key].line()}")
     say(f"model written to {final} in {total_s:.1f}s")
     return final

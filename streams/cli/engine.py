@@ -157,6 +157,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 @_guard
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from engines.build.pipeline import record_baseline
+
+    record_baseline(args.version, _registry_root(args), parity_texts=args.texts)
+    return 0
+
+
+@_guard
+def cmd_compare(args: argparse.Namespace) -> int:
+    from streams.cli.compare import run_compare
+    from streams.config import Settings
+
+    settings = Settings.load(overrides={"engine_dir": _registry_root(args)})
+    return run_compare(
+        settings, args.versions, sample=args.sample, since=args.since, as_json=args.json
+    )
+
+
+@_guard
 def cmd_train(args: argparse.Namespace) -> int:
     from engines.build.train import train
 
@@ -167,6 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_train=args.max_train,
         epochs=args.epochs,
         progress=not args.quiet,
+        out_of_domain=args.out_of_domain,
+        compare_frozen=args.compare_frozen,
     )
     print(path)
     return 0
@@ -275,13 +296,45 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_thresholds(en)
     en.set_defaults(handler=cmd_ensure)
 
-    t = subparsers.add_parser("train", help="train a classifier head on MiniLM")
+    bl = esub.add_parser(
+        "baseline",
+        help="record what a version predicts on its evaluation split (the drift reference; "
+        "builds record it themselves)",
+    )
+    bl.add_argument("version", nargs="?", default=None, help="default: the active version")
+    bl.add_argument("--texts", type=int, default=500, help="evaluation texts (500)")
+    bl.set_defaults(handler=cmd_baseline)
+
+    co = esub.add_parser(
+        "compare",
+        help="live predictions in Elasticsearch against each version's evaluation split: "
+        "label shares, confidence, population-stability index",
+    )
+    co.add_argument("versions", nargs="*", help="default: the active version")
+    co.add_argument("--sample", type=int, default=1000, help="latest predictions (1000)")
+    co.add_argument("--since", default=None, help="only predictions since (now-1h, RFC 3339)")
+    co.add_argument("--json", action="store_true")
+    co.set_defaults(handler=cmd_compare)
+
+    t = subparsers.add_parser("train", help="fine-tune MiniLM with a classifier head")
     t.add_argument("--dataset", default="sentiment", help="sentiment | topic | CSV/JSONL path")
     t.add_argument(
         "--frozen",
         action=argparse.BooleanOptionalAction,
+        default=False,
+        help="frozen encoder + logistic regression only (default: fine-tune the encoder too)",
+    )
+    t.add_argument(
+        "--out-of-domain",
+        type=int,
+        default=500,
+        help="IMDB reviews to score a sentiment model on out of domain (500; 0: none)",
+    )
+    t.add_argument(
+        "--compare-frozen",
+        action=argparse.BooleanOptionalAction,
         default=True,
-        help="frozen encoder + logistic regression (default); --no-frozen fine-tunes",
+        help="also score the frozen-encoder head fine-tuning starts from (default)",
     )
     t.add_argument("--max-train", type=int, default=None, help="cap on training examples")
     t.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (1)")

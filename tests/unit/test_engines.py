@@ -512,6 +512,29 @@ def test_evaluate_metrics_and_table() -> None:
     assert "macro-F1" in report.table()
 
 
+def test_a_prediction_outside_the_gold_labels_is_a_miss() -> None:
+    """A 3-class sentiment model on positive/negative reviews: "neutral" is wrong."""
+    gold = ["positive"] * 3 + ["negative"]
+    report = evaluate(
+        gold, ["positive", "neutral", "neutral", "negative"], ["negative", "positive"]
+    )
+    assert report.accuracy == 0.5
+    assert report.per_label["positive"]["recall"] == pytest.approx(1 / 3)
+    assert report.per_label["positive"]["support"] == 3
+    assert report.balanced_accuracy == pytest.approx((1 / 3 + 1) / 2)
+    assert "balanced accuracy 0.667" in report.line()
+
+
+def test_review_examples_are_labelled_imdb_reviews_outside_the_tweets() -> None:
+    from engines.build.data import load_sentiment, review_examples
+
+    reviews = review_examples(200)
+    assert len(reviews) == 200 and {label for _, label in reviews} == {"negative", "positive"}
+    assert 80 <= sum(label == "positive" for _, label in reviews) <= 120
+    assert not any("<br />" in text for text, _ in reviews)
+    assert not {text for text, _ in reviews} & {text for text, _ in load_sentiment()}
+
+
 # ------------------------------------------------------------------------------ CLI
 def _cli(argv: list[str]) -> int:
     from streams.cli.engine import add_commands

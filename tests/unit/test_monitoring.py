@@ -13,7 +13,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from engines.drift import Distribution
 from engines.types import ModelIdentity
+from streams.drift import DriftWatch
 from streams.lag import LagTracker
 from streams.metrics import Metrics
 from tests.monitoring import (
@@ -72,6 +74,9 @@ def _exposed_sample_names() -> set[str]:
     lag = LagTracker().update(time.monotonic(), {("t", 0): 3}, {("t", 0): 1})
     metrics.watch_lag(lambda: lag, max_age_s=60)
     metrics.watch_engine(lambda: ModelIdentity("m", "v1", "onnxruntime", "int8"))
+    baseline = Distribution.of_scores(["a", "b"], [[0.7, 0.3]])
+    metrics.watch_drift(DriftWatch(lambda _version: baseline, window=1, min_samples=1))
+    metrics.observe_prediction("v1", "a", {"a": 0.7, "b": 0.3})
     text = metrics.render().decode()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -92,6 +97,7 @@ def test_every_metric_in_the_dashboard_and_rules_is_exposed() -> None:
         "inflow_es_bulk_seconds_bucket",
         "inflow_batch_size_bucket",
         "inflow_ready",
+        "inflow_drift_psi",
     ):
         assert required in used, f"nothing in deploy/ shows {required}"
 
