@@ -72,6 +72,11 @@ class TransactionalInfer:
         self._task: asyncio.Task[None] | None = None
         self.committed_batches = 0
         self.aborted_batches = 0
+        # A batch is computed and committed under this lock, and a revocation takes it: the
+        # group never moves a partition while its transaction is open, and a batch fetched
+        # before a rebalance (`_generation` moved on) is fetched again, never committed.
+        self._lock = asyncio.Lock()
+        self._generation = 0
 
     async def start(self) -> None:
         s = self._settings
@@ -127,9 +132,16 @@ class TransactionalInfer:
         consumer = self._consumer
         assert consumer is not None
         while True:
+            generation = self._generation
             batches = await consumer.getmany(timeout_ms=500)
             for tp, messages in batches.items():
-                if messages:
+                if not messages:
+                    continue
+                async with self._lock:
+                    if self._generation != generation:  # fetched before a rebalance
+                        if tp in consumer.assignment():
+                            consumer.seek(tp, messages[0].offset)
+                        continue
                     await self._process(consumer, tp, messages)
 
     async def _process(self, consumer: AIOKafkaConsumer, tp: TopicPartition, messages: Any) -> None:
@@ -206,7 +218,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self._owner._close_producers(list(revoked))
+        async with self._owner._lock:  # waits for the batch in progress to commit or abort
+            self._owner._generation += 1
+            await self._owner._close_producers(list(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         await self._owner._open_producers(list(assigned))
