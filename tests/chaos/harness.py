@@ -1,0 +1,298 @@
+"""What every chaos scenario shares: a steady producer, an RSS sampler, a catch-up clock, and
+the accounting (every sent id indexed exactly once, nothing extra, dead letters as expected).
+
+Figures go to stdout (pytest -s shows them) and into a table printed at the end of the session
+(`tests/chaos/conftest.py`); INFLOW_CHAOS_REPORT names a JSON-lines file that receives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from elasticsearch import AsyncElasticsearch, NotFoundError
+from elasticsearch.helpers import async_scan
+
+from engines.build.data import sample_texts
+from schemas import encode_event, parse_dead_letter_headers
+from tests.e2e.conftest import Names
+
+# A few thousand real texts per scenario at a steady ~70 events/s (the CI budget); raise them
+# for longer runs, e.g. INFLOW_CHAOS_EVENTS=30000 INFLOW_CHAOS_OUTAGE_S=300.
+EVENTS = int(os.environ.get("INFLOW_CHAOS_EVENTS", "2400"))
+RATE = float(os.environ.get("INFLOW_CHAOS_RATE", "70"))
+OUTAGE_S = float(os.environ.get("INFLOW_CHAOS_OUTAGE_S", "60"))
+
+RESULTS: list[Figures] = []
+
+
+@dataclass
+class Figures:
+    scenario: str
+    guarantee: str = "at_least_once"
+    sent: int = 0
+    indexed: int = 0
+    lost: int = 0
+    extra: int = 0  # documents in the index that were never sent
+    duplicate_predictions: int = 0  # records on the predictions topic beyond one per id
+    dead_letters: int = 0
+    catch_up_s: float | None = None
+    peak_rss_mb: float = 0.0
+    notes: dict[str, object] = field(default_factory=dict)
+
+    def line(self) -> str:
+        catch_up = "-" if self.catch_up_s is None else f"{self.catch_up_s:.1f}"
+        return (
+            f"{self.scenario:<28} {self.guarantee:<13} sent {self.sent:>6}  indexed "
+            f"{self.indexed:>6}  lost {self.lost:>3}  extra {self.extra:>3}  dup-predictions "
+            f"{self.duplicate_predictions:>5}  dead-letters {self.dead_letters:>3}  catch-up "
+            f"{catch_up:>6}s  peak RSS {self.peak_rss_mb:>6.0f} MB"
+        )
+
+
+def record(figures: Figures) -> None:
+    RESULTS.append(figures)
+    print("\nCHAOS " + figures.line() + (f"  {figures.notes}" if figures.notes else ""))
+    report = os.environ.get("INFLOW_CHAOS_REPORT")
+    if report:
+        with open(report, "a") as out:
+            out.write(json.dumps(asdict(figures)) + "\n")
+
+
+def events(scenario: str, n: int = EVENTS, seed: int = 11) -> list[tuple[str, bytes]]:
+    """`n` real texts as (id, encoded event)."""
+    return [
+        (f"{scenario}-{i}", encode_event(text, id=f"{scenario}-{i}"))
+        for i, text in enumerate(sample_texts(n, seed=seed))
+    ]
+
+
+class RssSampler:
+    """Samples the resident set of some PIDs every `every_s` on a thread; keeps (t, pid, MB)."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        self.every_s = every_s
+        self.pids: set[int] = set()
+        self.samples: list[tuple[float, int, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def watch(self, pid: int) -> None:
+        self.pids.add(pid)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for pid in list(self.pids):
+                rss = rss_mb(pid)
+                if rss is not None:
+                    self.samples.append((time.monotonic(), pid, rss))
+
+    def peak(self, since: float = 0.0, until: float = float("inf")) -> float:
+        return max((mb for t, _, mb in self.samples if since <= t <= until), default=0.0)
+
+    def at(self, moment: float, pid: int) -> float:
+        """The sample of `pid` closest to `moment`."""
+        mine = [(abs(t - moment), mb) for t, p, mb in self.samples if p == pid]
+        return min(mine)[1] if mine else 0.0
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class SteadyProducer:
+    """Sends events at `rate` per second on a task; `sent_before(t)` says which had been
+    acknowledged by then. A send that fails (broker down longer than the client waits) is
+    sent again: the id stays the same, so the index still holds it once."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, records: Sequence[tuple[str, bytes | None]]
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.records = list(records)
+        self.acked: list[tuple[float, str]] = []
+        self.resends = 0
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, rate: float = RATE) -> None:
+        self.task = asyncio.create_task(self._run(rate))
+
+    async def wait(self) -> None:
+        assert self.task is not None
+        await self.task
+
+    def sent_before(self, moment: float) -> list[str]:
+        return [eid for t, eid in self.acked if t <= moment]
+
+    async def _run(self, rate: float) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            enable_idempotence=True,
+            linger_ms=5,
+            request_timeout_ms=30000,
+        )
+        await producer.start()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def deliver(eid: str, value: bytes | None) -> None:
+            while True:
+                try:
+                    await (await producer.send(self.topic, key=eid.encode(), value=value))
+                    self.acked.append((time.monotonic(), eid))
+                    return
+                except Exception:
+                    self.resends += 1
+                    await asyncio.sleep(1.0)
+
+        try:
+            started = time.monotonic()
+            for i, (eid, value) in enumerate(self.records):
+                delay = started + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(deliver(eid, value))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            while pending:
+                await asyncio.gather(*list(pending))
+        finally:
+            await producer.stop()
+
+
+async def count_ids(es: AsyncElasticsearch, alias: str, ids: Sequence[str]) -> int:
+    if not ids:
+        return 0
+    try:
+        await es.indices.refresh(index=alias)
+        answer = await es.count(index=alias, query={"ids": {"values": list(ids)}})
+    except NotFoundError:
+        return 0
+    return int(answer["count"])
+
+
+async def catch_up(
+    es_url: str, alias: str, ids: Sequence[str], since: float, timeout_s: float = 240
+) -> float:
+    """Seconds from `since` until every id of `ids` is in the index."""
+    async with AsyncElasticsearch(es_url, request_timeout=30) as es:
+        deadline = time.monotonic() + timeout_s
+        while await count_ids(es, alias, ids) < len(ids):
+            assert time.monotonic() < deadline, f"{len(ids)} ids not all indexed in {timeout_s}s"
+            await asyncio.sleep(0.25)
+    return time.monotonic() - since
+
+
+async def indexed_ids(es_url: str, alias: str, expected: int, timeout_s: float = 240) -> list[str]:
+    """Every _id in the index, once at least `expected` are there (or time is up)."""
+    async with AsyncElasticsearch(es_url, request_timeout=60) as es:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await es.indices.refresh(index=alias)
+            if int((await es.count(index=alias))["count"]) >= expected:
+                break
+            await asyncio.sleep(1)
+        await asyncio.sleep(2)  # anything extra would land now
+        await es.indices.refresh(index=alias)
+        return [hit["_id"] async for hit in async_scan(es, index=alias, query={"_source": False})]
+
+
+async def read_all(
+    bootstrap: str, topic: str, *, read_committed: bool = False, idle_s: float = 3.0
+) -> list[tuple[bytes | None, bytes | None, dict[str, bytes]]]:
+    """Every record of `topic` up to its end (for read_committed: up to the last stable
+    offset), read until nothing new arrives for `idle_s`."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+    )
+    await consumer.start()
+    records: list[tuple[bytes | None, bytes | None, dict[str, bytes]]] = []
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        for _ in range(50):
+            if partitions:
+                break
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.2)
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return records
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle_s:
+            batch = await consumer.getmany(timeout_ms=500)
+            for items in batch.values():
+                for item in items:
+                    records.append((item.key, item.value, dict(item.headers or ())))
+                    quiet_since = time.monotonic()
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def account(
+    figures: Figures,
+    *,
+    bootstrap: str,
+    es_url: str,
+    names: Names,
+    sent: Sequence[str],
+    poison: dict[bytes, str] | None = None,
+    read_committed: bool = False,
+) -> None:
+    """Fill in `figures` and assert: every sent id indexed exactly once, nothing extra, the
+    dead letters exactly the poison records (key -> expected error code), none else."""
+    poison = poison or {}
+    wanted = set(sent)
+    ids = await indexed_ids(es_url, names.alias, len(wanted))
+    figures.sent = len(wanted) + len(poison)
+    figures.indexed = len(ids)
+    figures.lost = len(wanted - set(ids))
+    figures.extra = len(set(ids) - wanted)
+    predictions = await read_all(bootstrap, names.predictions, read_committed=read_committed)
+    keys = [key for key, _, _ in predictions]
+    figures.duplicate_predictions = len(keys) - len(set(keys))
+    dead_texts = await read_all(bootstrap, names.texts_dlq, idle_s=1.5)
+    dead_predictions = await read_all(bootstrap, names.predictions_dlq, idle_s=1.5)
+    figures.dead_letters = len(dead_texts) + len(dead_predictions)
+    record(figures)
+
+    assert figures.lost == 0, f"{figures.lost} sent ids never indexed"
+    assert len(ids) == len(set(ids)), "an id is in the index twice"
+    assert figures.extra == 0, f"{figures.extra} documents that were never sent"
+    assert set(key.decode() for key in keys if key) >= wanted, "an id has no prediction"
+    assert dead_predictions == [], "no prediction may be dead-lettered here"
+    by_key: dict[bytes, list[str]] = {}
+    for key, value, headers in dead_texts:
+        code = parse_dead_letter_headers(list(headers.items())).get("inflow.error.code", "?")
+        by_key.setdefault(key or b"", []).append(str(code))
+        if key == b"poison-tombstone":
+            assert value is None, "a tombstone must stay a tombstone in the dead letters"
+    assert set(by_key) == set(poison), (sorted(by_key), sorted(poison))
+    for key, code in poison.items():
+        assert code in by_key[key], (key, by_key[key])
