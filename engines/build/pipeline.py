@@ -40,6 +40,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_PRECISION = {"onnxruntime": "int8", "torch": "fp32", "tensorrt": "fp16"}
 DEFAULT_PARITY_TEXTS = 500
+DEFAULT_MODEL_REVIEWS = 200  # out-of-domain reviews scored when ensure trains the default model
 Echo = Callable[[str], None]
 
 
@@ -60,10 +61,19 @@ def resolve_model(
     found = find_model(root, DEFAULT_MODEL_NAME)
     if found is not None:
         return read_model(found)
-    echo(f"no trained {DEFAULT_MODEL_NAME} model in {root}: training it (about 2 minutes)")
+    echo(f"no trained {DEFAULT_MODEL_NAME} model in {root}: fine-tuning it (a few minutes)")
     from engines.build.train import train
 
-    return read_model(train("sentiment", frozen=True, out_dir=root, progress=progress, echo=echo))
+    path = train(
+        "sentiment",
+        frozen=False,
+        out_dir=root,
+        progress=progress,
+        echo=echo,
+        out_of_domain=DEFAULT_MODEL_REVIEWS,
+        compare_frozen=False,
+    )
+    return read_model(path)
 
 
 def drift_baseline(info: ModelInfo, probs: Any, n: int) -> dict[str, Any]:
