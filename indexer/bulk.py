@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, cast
@@ -95,6 +95,11 @@ class _RetriableRequest(Exception):
     """A whole bulk request failed in a way that may pass on a later attempt."""
 
 
+# Which alias a document is written through (indexer.mapping.ModelIndices.target): one index
+# per model behind the read alias.
+Route = Callable[[Mapping[str, Any]], Awaitable[str]]
+
+
 class BulkWriter:
     """Writes documents through an alias with the bulk API.
 
@@ -115,6 +120,7 @@ class BulkWriter:
         ensure: bool = True,
         rng: random.Random | None = None,
         observer: BulkObserver | None = None,
+        route: Route | None = None,
     ) -> None:
         if max_chunk_docs < 1 or max_chunk_bytes < 1:
             raise ValueError("max_chunk_docs and max_chunk_bytes must be >= 1")
@@ -127,6 +133,7 @@ class BulkWriter:
         self._ensure = ensure
         self._rng = rng or random.Random()
         self._observer = observer
+        self._route = route  # the write alias of each document (default: `alias`)
 
     @property
     def alias(self) -> str:
@@ -176,7 +183,8 @@ class BulkWriter:
         pending: list[EncodedAction] = []
         for position, doc in enumerate(docs):
             try:
-                action = build_action(doc, self._alias)
+                target = self._alias if self._route is None else await self._route(doc)
+                action = build_action(doc, target)
                 pending.append(EncodedAction(position, action["_id"], doc, encode_action(action)))
             except ValueError as exc:
                 doc_id = doc.get("id")

@@ -178,3 +178,126 @@ async def index_problem(es: AsyncElasticsearch, alias: str = DEFAULT_ALIAS) -> s
         return f"alias {alias!r} does not exist yet"
     except (ApiError, TransportError) as exc:
         return describe_es_error(exc)
+
+
+# ------------------------------------------------------------------ one index per model
+#
+# The read alias (``alias``) points at exactly one model's index at a time, so a kNN query
+# through it never compares two models' vectors. Documents are written through a write alias
+# per model, ``<alias>.<space>``, where the space names the model whose embeddings they hold
+# (`model_space`): a worker that swaps to another model writes to that model's index, which
+# `inflow reindex` fills and then puts behind the read alias in one atomic alias update.
+
+META_KEY = "inflow"
+_ENGINE_VERSION_RE = re.compile(r"^v\d+-[a-z0-9]+-[a-z0-9]+-([0-9a-f]+)$")
+_SPACE_UNSAFE = re.compile(r"[^a-z0-9_-]+")
+
+
+def model_space(version: str) -> str:
+    """The embedding space of an engine version: its model hash (builds of one model at other
+    precisions share it: the parity gate holds their vectors to one another)."""
+    match = _ENGINE_VERSION_RE.fullmatch(version)
+    if match:
+        return match.group(1)
+    return _SPACE_UNSAFE.sub("-", version.lower()).strip("-_")[:40] or "unknown"
+
+
+def model_write_alias(alias: str, space: str) -> str:
+    return f"{validate_alias(alias)}.{space}"
+
+
+def model_index_name(alias: str, space: str) -> str:
+    return f"{validate_alias(alias)}-{space}"
+
+
+async def index_meta(es: AsyncElasticsearch, index: str) -> dict[str, Any]:
+    """The ``_meta.inflow`` record of an index ({} when it has none)."""
+    body = (await es.indices.get_mapping(index=index)).body
+    meta = body.get(index, {}).get("mappings", {}).get("_meta", {})
+    record = meta.get(META_KEY, {}) if isinstance(meta, dict) else {}
+    return dict(record) if isinstance(record, dict) else {}
+
+
+async def set_index_meta(es: AsyncElasticsearch, index: str, record: dict[str, Any]) -> None:
+    await es.indices.put_mapping(index=index, meta={META_KEY: record})
+
+
+async def alias_indices(es: AsyncElasticsearch, alias: str) -> list[str]:
+    """The concrete indices ``alias`` points at (none when it does not exist)."""
+    if not await es.indices.exists_alias(name=alias):
+        return []
+    return sorted((await es.indices.get_alias(name=alias)).body)
+
+
+async def ensure_model_index(
+    es: AsyncElasticsearch, alias: str, space: str, *, dims: int, version: str
+) -> str:
+    """The write alias of model ``space``'s index behind ``alias``, created when missing.
+
+    The read alias's only index, when it records no model yet (an index made before indices
+    per model), is adopted as this model's. Otherwise a new index ``<alias>-<space>`` is made;
+    it goes behind the read alias only when that alias does not exist yet.
+    """
+    write_alias = model_write_alias(alias, space)
+    if await es.indices.exists_alias(name=write_alias):
+        return write_alias
+    behind = await alias_indices(es, alias)
+    for index in behind:
+        record = await index_meta(es, index)
+        if record.get("space") == space or (not record and len(behind) == 1):
+            if not record:
+                await set_index_meta(es, index, {"space": space, "version": version})
+            await es.indices.put_alias(index=index, name=write_alias, is_write_index=True)
+            return write_alias
+    index = model_index_name(alias, space)
+    mappings = prediction_mappings(dims)
+    mappings["_meta"] = {META_KEY: {"space": space, "version": version}}
+    aliases: dict[str, Any] = {write_alias: {"is_write_index": True}}
+    if not behind:
+        aliases[alias] = {"is_write_index": True}
+    try:
+        await es.indices.create(index=index, mappings=mappings, aliases=aliases)
+    except ApiError as exc:
+        if exc.meta.status == 429 or exc.meta.status >= 500:
+            raise
+        if _error_type(exc) != "resource_already_exists_exception":
+            message = f"cannot create index {index!r} for model {space}: {exc}"
+            raise IndexSetupError(message) from exc
+        await es.indices.put_alias(index=index, name=write_alias, is_write_index=True)
+    return write_alias
+
+
+async def switch_alias(es: AsyncElasticsearch, alias: str, index: str) -> list[str]:
+    """Point ``alias`` at ``index`` alone, in one atomic alias update; returns the indices it
+    pointed at before (a reader sees either the old set or the new index, never both)."""
+    before = await alias_indices(es, alias)
+    actions: list[dict[str, Any]] = [
+        {"remove": {"index": old, "alias": alias}} for old in before if old != index
+    ]
+    actions.append({"add": {"index": index, "alias": alias, "is_write_index": True}})
+    await es.indices.update_aliases(actions=actions)
+    return before
+
+
+class ModelIndices:
+    """Routes each Prediction document to its model's write alias (a `BulkWriter` route)."""
+
+    def __init__(self, es: AsyncElasticsearch, alias: str) -> None:
+        self._es = es
+        self._alias = validate_alias(alias)
+        self._targets: dict[str, str] = {}
+
+    async def target(self, doc: Any) -> str:
+        model = doc.get("model") if isinstance(doc, dict) else None
+        version = model.get("version") if isinstance(model, dict) else None
+        if not isinstance(version, str) or not version:
+            return self._alias  # not a Prediction: the alias refuses or takes it, as before
+        space = model_space(version)
+        found = self._targets.get(space)
+        if found is None:
+            dims = doc.get("embedding_dim") or len(doc.get("embedding") or ()) or EMBEDDING_DIMS
+            found = await ensure_model_index(
+                self._es, self._alias, space, dims=int(dims), version=version
+            )
+            self._targets[space] = found
+        return found

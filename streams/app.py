@@ -18,7 +18,7 @@ import faust
 from engines.drift import Distribution
 from engines.errors import EngineError
 from engines.registry import Registry
-from indexer import BulkWriter, EsSettings, Searcher, ensure_index, index_problem
+from indexer import BulkWriter, EsSettings, ModelIndices, Searcher, ensure_index, index_problem
 from indexer.client import describe_es_error
 from streams.batcher import Batcher, BatchPolicy
 from streams.config import Settings
@@ -140,7 +140,14 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     )
     # One client for the writer and the searcher; the index is ensured at start (below).
     es = es_settings(settings).make_client()
-    writer = BulkWriter(client=es, alias=settings.es_alias, ensure=False, observer=metrics)
+    # Each model's documents go to that model's own index (indexer.mapping.ModelIndices).
+    writer = BulkWriter(
+        client=es,
+        alias=settings.es_alias,
+        ensure=False,
+        observer=metrics,
+        route=ModelIndices(es, settings.es_alias).target,
+    )
     index_stage = IndexStage(writer, publisher, settings.predictions_dlq_topic, metrics, retry)
     index_buffer = IndexBuffer(index_stage, settings.index_batch_size, settings.index_max_wait_ms)
     searcher = Searcher(client=es, alias=settings.es_alias)

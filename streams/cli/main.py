@@ -232,6 +232,55 @@ def _add_dlq_commands(sub: Any) -> None:
     rep.set_defaults(handler=cmd_dlq_replay)
 
 
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from streams.cli.reindex import run_reindex
+
+    return run_reindex(
+        _settings(args),
+        args.version,
+        from_timestamp=args.from_timestamp,
+        from_offset=args.from_offset,
+        rollback=args.rollback,
+        activate=args.activate,
+        handover_s=args.handover_s,
+        metrics_port=args.metrics_port,
+        quiet=args.quiet,
+    )
+
+
+def _add_reindex_command(sub: Any) -> None:
+    rx = sub.add_parser(
+        "reindex",
+        help="re-embed the input topic with an engine version into its own index, then switch "
+        "the alias to it atomically (or --rollback)",
+    )
+    rx.add_argument("--version", default=None, help="the engine version to re-embed with")
+    rx.add_argument(
+        "--rollback",
+        action="store_true",
+        help="back to the version served before the last cutover (re-embeds what it missed)",
+    )
+    rx.add_argument(
+        "--from-timestamp", default=None, help="RFC 3339, epoch ms, or an age such as 2h"
+    )
+    rx.add_argument("--from-offset", default=None, help="PARTITION:OFFSET[,...] of the input")
+    rx.add_argument(
+        "--activate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="make the version the active engine once caught up (default: yes)",
+    )
+    rx.add_argument(
+        "--handover-s",
+        type=float,
+        default=None,
+        help="keep following the input after activation (default 3 x INFLOW_ENGINE_POLL_S + 5)",
+    )
+    rx.add_argument("--metrics-port", type=int, default=None, help="serve inflow_reindex_*")
+    rx.add_argument("--quiet", action="store_true", help="no progress bar")
+    rx.set_defaults(handler=cmd_reindex)
+
+
 def _float_list(text: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -362,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.set_defaults(handler=cmd_bench_pipeline)
 
     _add_dlq_commands(sub)
+    _add_reindex_command(sub)
 
     try:
         from streams.cli.engine import add_commands

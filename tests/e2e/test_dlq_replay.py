@@ -12,6 +12,7 @@ import sys
 import pytest
 from elasticsearch import AsyncElasticsearch
 
+from indexer import model_space, model_write_alias
 from schemas import encode_event, parse_dead_letter_headers
 from tests.e2e.conftest import ROOT, Names, WorkerFactory, read_topic
 from tests.e2e.test_pipeline import _indexed_ids, _produce
@@ -82,14 +83,17 @@ async def test_dead_letters_replayed_after_the_index_is_fixed_are_indexed_once(
     assert f"skipped {len(ids)} already replayed" in out
     assert f"refused {len(ids)} replayed 1 times already" in out
 
-    # The operator fixes the index (a new write index with Inflow's mapping) and replays:
-    # the stage filter leaves the bad text event where it is.
+    # The operator fixes the index (a new index with Inflow's mapping behind the read alias and
+    # the model's write alias) and replays: the stage filter leaves the bad text event alone.
+    model_alias = model_write_alias(names.alias, model_space(version))
     async with AsyncElasticsearch(es_url) as es:
         await es.indices.create(index=good)
         await es.indices.update_aliases(
             actions=[
                 {"remove": {"index": bad, "alias": names.alias}},
+                {"remove": {"index": bad, "alias": model_alias}},
                 {"add": {"index": good, "alias": names.alias, "is_write_index": True}},
+                {"add": {"index": good, "alias": model_alias, "is_write_index": True}},
             ]
         )
     out = _dlq(env, "replay", "--stage", "index")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from engines.assets import models_dir
 from engines.build.data import sample_texts
 from engines.registry import Registry
 from schemas import Prediction, decode_prediction, encode_event
@@ -56,7 +57,21 @@ async def test_activate_and_roll_back_while_the_worker_runs(
     registry = Registry(registry_dir)
     first = registry.active_version()
     assert first is not None
-    _inflow(registry_dir, "engine", "build", "--precision", "fp32", "--no-activate", "--quiet")
+    # The same model at another precision: one embedding space, so one index behind the alias
+    # (another model would get its own index, searched only after `inflow reindex`).
+    active = registry.get(first)
+    model = ROOT / models_dir() / f"{active.model_name}-{active.model_hash[:12]}"
+    _inflow(
+        registry_dir,
+        "engine",
+        "build",
+        "--model",
+        str(model),
+        "--precision",
+        "fp32",
+        "--no-activate",
+        "--quiet",
+    )
     second = next(m.version for m in registry.list() if m.version != first and m.accepted)
 
     worker = workers.start(INFLOW_ENGINE_DIR=str(registry_dir))
