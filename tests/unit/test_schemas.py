@@ -339,7 +339,7 @@ def make_prediction(**overrides: Any) -> Prediction:
         "model": ModelRef("minilm-l6-sentiment", "v1-onnxruntime-int8-1a2b", "onnxruntime", "int8"),
         "truncated": False,
         "event_ts": rfc3339_from_ms(MAY_1),
-        "processed_ts": now_rfc3339(),
+        "processed_ts": rfc3339_from_ms(MAY_1 + 1500),  # fixed: two calls must be equal
         "metadata": {"lang": "en"},
         "source": Source(TOPIC, PARTITION, OFFSET),
     }
