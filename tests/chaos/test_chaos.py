@@ -55,22 +55,8 @@ def _log_errors(text: str) -> int:
 async def test_worker_kill_9_second_worker_takes_over(
     services: TestServices, chaos_workers: WorkerEnv, names: Names
 ) -> None:
-    factory = chaos_workers(services.kafka_bootstrap, services.es_url)
-    first = factory.start()
-    second = factory.start()
-    records = events("kill9")
-    producer = SteadyProducer(services.kafka_bootstrap, names.texts, records)
-    with RssSampler() as rss:
-        rss.watch(first.proc.pid)
-        rss.watch(second.proc.pid)
-        producer.start()
-        await _until_sent(producer, len(records) * 2 // 5)
-        first.proc.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        first.proc.wait()
-        seconds = await catch_up(services.es_url, names.alias, producer.sent_before(killed), killed)
-        await producer.wait()
-    figures = Figures("worker kill -9", catch_up_s=seconds, peak_rss_mb=rss.peak())
+    records, seconds, peak = await _kill_one_of_two(services, chaos_workers, names, "kill9")
+    figures = Figures("worker kill -9", catch_up_s=seconds, peak_rss_mb=peak)
     await account(
         figures,
         bootstrap=services.kafka_bootstrap,
@@ -288,29 +274,15 @@ async def test_poison_texts_are_dead_letters_and_nothing_else_stops(
 async def test_exactly_once_read_committed_sees_one_prediction_per_event_across_kill_9(
     services: TestServices, chaos_workers: WorkerEnv, names: Names
 ) -> None:
-    factory = chaos_workers(services.kafka_bootstrap, services.es_url)
     eos = {"INFLOW_PROCESSING_GUARANTEE": "exactly_once"}
-    first = factory.start(**eos)
-    second = factory.start(**eos)
-    records = events("eos")
-    producer = SteadyProducer(services.kafka_bootstrap, names.texts, records)
-    with RssSampler() as rss:
-        rss.watch(first.proc.pid)
-        rss.watch(second.proc.pid)
-        producer.start()
-        await _until_sent(producer, len(records) * 2 // 5)
-        first.proc.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        first.proc.wait()
-        seconds = await catch_up(services.es_url, names.alias, producer.sent_before(killed), killed)
-        await producer.wait()
+    records, seconds, peak = await _kill_one_of_two(services, chaos_workers, names, "eos", **eos)
     uncommitted = await read_all(services.kafka_bootstrap, names.predictions)
     keys = [key for key, _, _ in uncommitted]
     figures = Figures(
         "worker kill -9",
         guarantee="exactly_once",
         catch_up_s=seconds,
-        peak_rss_mb=rss.peak(),
+        peak_rss_mb=peak,
         notes={"read_uncommitted_duplicates": len(keys) - len(set(keys))},
     )
     await account(
@@ -359,3 +331,26 @@ async def test_throughput_at_least_once_against_exactly_once(
         print(f"\nTHROUGHPUT {guarantee}: {n} events in {seconds:.1f}s = {n / seconds:.1f}/s")
     cost = 1 - rates["exactly_once"] / rates["at_least_once"]
     print(f"THROUGHPUT exactly_once costs {cost:.0%} against at_least_once")
+
+
+async def _kill_one_of_two(
+    services: TestServices, chaos_workers: WorkerEnv, names: Names, prefix: str, **env: str
+) -> tuple[list[tuple[str, bytes]], float, float]:
+    """Two workers under steady load; kill -9 one of them after 2/5 of the events were sent.
+    Returns the events, seconds until everything sent before the kill was indexed, peak RSS."""
+    factory = chaos_workers(services.kafka_bootstrap, services.es_url)
+    first = factory.start(**env)
+    second = factory.start(**env)
+    records = events(prefix)
+    producer = SteadyProducer(services.kafka_bootstrap, names.texts, records)
+    with RssSampler() as rss:
+        rss.watch(first.proc.pid)
+        rss.watch(second.proc.pid)
+        producer.start()
+        await _until_sent(producer, len(records) * 2 // 5)
+        first.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        first.proc.wait()
+        seconds = await catch_up(services.es_url, names.alias, producer.sent_before(killed), killed)
+        await producer.wait()
+    return records, seconds, rss.peak()
