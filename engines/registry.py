@@ -5,6 +5,8 @@ Layout of a registry root (default `.inflow/engines/`):
   versions/<version>/<artifacts>     model.onnx | model.plan | head + model.json, tokenizer.json
   active                             the active version (one line; replaced atomically)
   history.json                       stack of activations; `rollback` pops it
+  rollout.json                       the latest shadow or canary of a candidate (RolloutRecord)
+  rollout-stats/<worker>.json        each worker's live comparison of the candidate (opaque here)
   .lock                              serialises writers (flock)
 Versions are named `v<N>-<backend>-<precision>-<model hash 8>` (N grows by one per build).
 Reading is lock-free: `active_version()` is one small file read, cheap enough to poll.
@@ -39,6 +41,8 @@ MANIFEST = "manifest.json"
 ACTIVE = "active"
 HISTORY = "history.json"
 VERSIONS = "versions"
+ROLLOUT = "rollout.json"
+ROLLOUT_STATS = "rollout-stats"
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 _VERSION_RE = re.compile(r"^v(\d+)-[a-z0-9]+-[a-z0-9]+-[0-9a-f]+$")
@@ -118,6 +122,80 @@ class Manifest:
 
 StrList = list[str]
 ManifestList = list[Manifest]
+RecordList = list[dict[str, Any]]
+
+SHADOW = "shadow"  # the candidate predicts a share of events beside the active; never published
+CANARY = "canary"  # the candidate predicts and publishes a share of keys; the active the rest
+RUNNING = "running"
+PROMOTED = "promoted"
+ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRule:
+    """When a worker rolls a rollout back by itself: over at least `min_samples` events compared
+    (or sent to the candidate), label agreement below `min_agreement` or the candidate's error
+    rate above `max_error_rate`. None turns a check off."""
+
+    min_agreement: float | None = 0.9
+    max_error_rate: float | None = 0.05
+    min_samples: int = 200
+
+    def __post_init__(self) -> None:
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must be within 0..1, got {self.min_agreement}")
+        if self.max_error_rate is not None and not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"max_error_rate must be within 0..1, got {self.max_error_rate}")
+        if self.min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {self.min_samples}")
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    """A candidate version served beside the active one (`rollout.json`).
+
+    `active` is the version the rollout was started against; `started` with `candidate` names
+    this rollout (stats files carry it). Workers serve a candidate only while `status` is
+    running and the active pointer still names `active`.
+    """
+
+    mode: str  # SHADOW | CANARY
+    candidate: str
+    share: float  # of keys (by key hash, streams.rollout.bucket)
+    active: str
+    rule: RolloutRule = field(default_factory=RolloutRule)
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    status: str = RUNNING  # RUNNING | PROMOTED | ROLLED_BACK
+    ended: str = ""
+    reason: str = ""  # why it ended (one line)
+
+    def __post_init__(self) -> None:
+        if self.mode not in (SHADOW, CANARY):
+            raise ValueError(f"rollout mode must be {SHADOW} or {CANARY}, got {self.mode!r}")
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"rollout share must be within (0, 1], got {self.share}")
+        if self.status not in (RUNNING, PROMOTED, ROLLED_BACK):
+            raise ValueError(f"unknown rollout status {self.status!r}")
+
+    @property
+    def running(self) -> bool:
+        return self.status == RUNNING
+
+    @property
+    def key(self) -> str:
+        """Names this rollout (a later rollout of the same candidate gets another key)."""
+        return f"{self.candidate}@{self.started}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutRecord:
+        known = set(cls.__dataclass_fields__)
+        values = {k: v for k, v in data.items() if k in known}
+        rule = values.get("rule")
+        values["rule"] = RolloutRule(**rule) if isinstance(rule, dict) else RolloutRule()
+        return cls(**values)
 
 
 def version_number(version: str) -> int:
@@ -191,6 +269,36 @@ class Registry:
             return []
         stack = data.get("stack", []) if isinstance(data, dict) else []
         return [str(v) for v in stack]
+
+    def rollout(self) -> RolloutRecord | None:
+        """The latest rollout (running or ended), or None. One small file read: cheap to poll."""
+        try:
+            data = json.loads((self.root / ROLLOUT).read_text())
+            return RolloutRecord.from_dict(data)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except (ValueError, TypeError) as exc:
+            raise EngineLoadError(
+                f"{self.root / ROLLOUT} is not a rollout record ({exc})"
+            ) from None
+
+    def rollout_stats(self) -> RecordList:
+        """Every worker's latest rollout statistics (as they wrote them)."""
+        folder = self.root / ROLLOUT_STATS
+        out: RecordList = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                out.append(data)
+        return out
+
+    def write_rollout_stats(self, worker: str, stats: dict[str, Any]) -> None:
+        """A worker's statistics of the running rollout (no lock: one file per worker)."""
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", worker).strip(".") or "worker"
+        write_atomic(self.root / ROLLOUT_STATS / f"{name}.json", json.dumps(stats) + "\n")
 
     # ------------------------------------------------------------------ verification
     def verify(self, version: str) -> Manifest:
@@ -282,6 +390,76 @@ class Registry:
                 f"no earlier active engine recorded in {self.root}: "
                 "`inflow engine activate VERSION` picks one"
             )
+
+    # ---------------------------------------------------------------------- rollouts
+    def start_rollout(
+        self, mode: str, candidate: str, share: float, rule: RolloutRule | None = None
+    ) -> RolloutRecord:
+        """Serve `candidate` beside the active version (replaces a running rollout)."""
+        manifest = self.verify(candidate)
+        if not manifest.accepted:
+            raise ActivationRefused(
+                f"engine {candidate} was {manifest.status} by the parity gate: it cannot take "
+                "live traffic"
+            )
+        with self._locked():
+            active = self.active_version()
+            if active is None:
+                raise EngineNotFound(f"no active engine in {self.root}: activate one first")
+            if candidate == active:
+                raise ActivationRefused(f"{candidate} is the active engine already")
+            if mode == CANARY:
+                self._check_same_space(self.get(active), manifest)
+            record = RolloutRecord(mode, candidate, share, active, rule or RolloutRule())
+            write_atomic(self.root / ROLLOUT, record.to_json())
+            shutil.rmtree(self.root / ROLLOUT_STATS, ignore_errors=True)
+        return record
+
+    @staticmethod
+    def _check_same_space(active: Manifest, candidate: Manifest) -> None:
+        """A canary publishes the candidate's embeddings beside the active's in the searched
+        index: only a build of the same model (same vectors, within the parity gate) may."""
+        same = (
+            active.model_hash == candidate.model_hash
+            and active.embedding_dim == candidate.embedding_dim
+        )
+        if not same:
+            raise ActivationRefused(
+                f"{candidate.version} is another model than the active {active.version} (model "
+                f"{candidate.model_hash[:8]} vs {active.model_hash[:8]}): its vectors belong in "
+                "their own index; shadow it, then move with `inflow reindex --version "
+                f"{candidate.version}`"
+            )
+
+    def promote(self) -> RolloutRecord:
+        """Activate the running rollout's candidate and end the rollout, as one write."""
+        with self._locked():
+            record = self._running_rollout()
+        self.activate(record.candidate)
+        return self.end_rollout(PROMOTED, f"promoted by hand: {record.candidate} is active")
+
+    def end_rollout(self, status: str, reason: str, *, only: str | None = None) -> RolloutRecord:
+        """End the running rollout (`status` PROMOTED or ROLLED_BACK; the active pointer is not
+        touched). With `only` (a RolloutRecord.key), end it only if it is still that rollout:
+        workers that detect a breach together end it once; others get NothingToRollBack."""
+        with self._locked():
+            record = self._running_rollout()
+            if only is not None and record.key != only:
+                raise NothingToRollBack(f"rollout {only} has ended already")
+            ended = RolloutRecord.from_dict(
+                {**asdict(record), "status": status, "ended": _now(), "reason": reason}
+            )
+            write_atomic(self.root / ROLLOUT, ended.to_json())
+        return ended
+
+    def _running_rollout(self) -> RolloutRecord:
+        record = self.rollout()
+        if record is None or not record.running:
+            raise NothingToRollBack(
+                f"no rollout running in {self.root}: `inflow engine shadow|canary VERSION` "
+                "starts one"
+            )
+        return record
 
     def record_baseline(self, version: str, baseline: dict[str, Any]) -> Manifest:
         """Write `version`'s drift baseline into its manifest (for builds made before builds

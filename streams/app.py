@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +20,7 @@ import faust
 from engines.drift import Distribution
 from engines.errors import EngineError
 from engines.registry import Registry
+from engines.types import Engine
 from indexer import BulkWriter, EsSettings, ModelIndices, Searcher, ensure_index, index_problem
 from indexer.client import describe_es_error
 from streams.batcher import Batcher, BatchPolicy
@@ -33,6 +36,7 @@ from streams.lag import ConsumerLag, LagUnavailable
 from streams.logs import install_repeat_filter
 from streams.metrics import Metrics
 from streams.retry import RetryPolicy
+from streams.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,15 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         BatchPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms),
         on_batch=metrics.observe_batch,
     )
+    # A candidate engine beside the active one: shadow or canary (streams.rollout).
+    rollout = Rollout(
+        batcher,
+        registry,
+        metrics,
+        policy=batcher.policy,
+        load=lambda version: _load_engine(settings, version),
+        worker=f"{settings.app_id}-{socket.gethostname()}-{os.getpid()}",
+    )
     infer_stage = InferStage(
         batcher,
         publisher,
@@ -137,6 +150,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         metrics,
         max_in_flight=settings.max_in_flight,
         retry=retry,
+        rollout=rollout,
     )
     # One client for the writer and the searcher; the index is ensured at start (below).
     es = es_settings(settings).make_client()
@@ -154,6 +168,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     app_state.update(
         batcher=batcher, infer=infer_stage, writer=writer, searcher=searcher, registry=registry
     )
+    app_state.update(rollout=rollout)
 
     def topic(name: str) -> Any:
         return app.topic(
@@ -243,6 +258,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         if transactional is not None:
             await transactional.stop()
         await infer_stage.drain()
+        await rollout.stop()
         await index_buffer.stop()
         await batcher.stop()
         await writer.stop()
@@ -260,6 +276,12 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         except LagUnavailable as exc:
             log.warning("consumer lag: %s", exc)
         metrics.set_ready(health.ready().ok)
+
+    @app.timer(interval=settings.engine_poll_s)
+    async def follow_rollout() -> None:
+        """Load or drop the candidate of a shadow or canary; roll it back on a breached rule."""
+        if engine_loaded.is_set():
+            await rollout.sync()
 
     failed: set[str] = set()  # versions that failed to load: not retried until activated anew
 
@@ -304,6 +326,12 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
 
     register_views(app, app_state)
     return app
+
+
+def _load_engine(settings: Settings, version: str) -> Engine:
+    from engines.load import load_engine
+
+    return load_engine(settings.engine_dir, version)
 
 
 async def input_record(event: Any, budget: InFlightBudget) -> InputRecord:

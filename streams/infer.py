@@ -35,6 +35,7 @@ from schemas import (
 from streams.batcher import Batcher, InferenceFailed, ItemResult
 from streams.metrics import Metrics
 from streams.retry import RetryPolicy
+from streams.rollout import CandidateFailed, Rollout, route_key
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,12 @@ class InferStage:
         metrics: Metrics,
         max_in_flight: int = 256,
         retry: RetryPolicy | None = None,
+        rollout: Rollout | None = None,
     ) -> None:
+        """With `rollout`, texts go through it (a candidate engine may take a share of keys,
+        streams.rollout); without, straight to `batcher`."""
         self._batcher = batcher
+        self._rollout = rollout
         self._retry = retry or RetryPolicy()
         self._publisher = publisher
         self._topics = topics
@@ -130,10 +135,15 @@ class InferStage:
             await self._dead_letter(record, decoded, Stage.DECODE)
         else:
             try:
-                result = await self._batcher.submit(decoded.text)
+                if self._rollout is not None:
+                    key = route_key(record.key, decoded.id)
+                    result = await self._rollout.submit(key, decoded.text)
+                else:
+                    result = await self._batcher.submit(decoded.text)
             except InferenceFailed as exc:
                 error = DecodeError(ErrorCode.INFERENCE_FAILED, str(exc))
-                await self._dead_letter(record, error, Stage.INFER)
+                version = exc.version if isinstance(exc, CandidateFailed) else None
+                await self._dead_letter(record, error, Stage.INFER, version)
             else:
                 await self._publish_prediction(record, decoded, result)
         record.ack()
@@ -152,8 +162,13 @@ class InferStage:
         self._metrics.queue_ms.observe(result.queue_ms)
         self._metrics.observe_published(event.ts_ms, record.timestamp)
 
-    async def _dead_letter(self, record: InputRecord, error: DecodeError, stage: Stage) -> None:
+    async def _dead_letter(
+        self, record: InputRecord, error: DecodeError, stage: Stage, version: str | None = None
+    ) -> None:
+        """`version`: the engine that failed, when not the active one (a canary's candidate)."""
         identity = self._batcher.identity if stage == Stage.INFER else None
+        if version is None and identity is not None:
+            version = identity.version
         headers = dead_letter_headers(
             error,
             topic=record.topic,
@@ -161,7 +176,7 @@ class InferStage:
             offset=record.offset,
             stage=stage,
             replay_count=record.replay_count,
-            engine_version=identity.version if identity is not None else None,
+            engine_version=version,
         )
         # The value stays the original bytes; a tombstone stays a tombstone (None, not b"").
         await self._send(self._topics.dead_letters, record.key, record.value, headers)

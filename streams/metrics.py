@@ -37,6 +37,9 @@ LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1000
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # End to end: from milliseconds on an idle worker to minutes behind a backlog.
 E2E_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Shadow and canary comparisons (streams.rollout).
+SCORE_DELTA_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+COSINE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 BULK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -189,6 +192,72 @@ class Metrics:
             "inflow_ready", "1 when the worker is ready to serve, else 0", registry=r
         )
         self.drift: DriftWatch | None = None
+        self._rollout_metrics(r)
+
+    def _rollout_metrics(self, r: CollectorRegistry) -> None:
+        """A candidate served beside the active engine (streams.rollout), labelled by its
+        version. Live agreement over a window: rate(agreed) / rate(compared)."""
+        c = ["candidate"]
+        self.rollout_share = Gauge(
+            "inflow_rollout_share",
+            "Share of keys routed to the candidate (absent without a rollout)",
+            ["mode", "candidate"],
+            registry=r,
+        )
+        self.rollout_routed = Counter(
+            "inflow_rollout_routed",
+            "Events of the candidate's share of keys",
+            ["mode", "candidate"],
+            registry=r,
+        )
+        self.rollout_compared = Counter(
+            "inflow_rollout_compared", "Events both engines predicted", c, registry=r
+        )
+        self.rollout_agreed = Counter(
+            "inflow_rollout_agreed", "Compared events given the same label", c, registry=r
+        )
+        self.rollout_agreement = Gauge(
+            "inflow_rollout_agreement",
+            "Label agreement of the candidate with the active engine since the rollout began",
+            c,
+            registry=r,
+        )
+        self.rollout_skipped = Counter(
+            "inflow_rollout_skipped",
+            "Routed events not compared (too many comparisons open)",
+            c,
+            registry=r,
+        )
+        self.rollout_score_delta = Histogram(
+            "inflow_rollout_score_delta",
+            "Largest |probability difference| over the labels, candidate against active",
+            c,
+            buckets=SCORE_DELTA_BUCKETS,
+            registry=r,
+        )
+        self.rollout_cosine = Histogram(
+            "inflow_rollout_embedding_cosine",
+            "Cosine between the candidate's and the active engine's embedding of one text",
+            c,
+            buckets=COSINE_BUCKETS,
+            registry=r,
+        )
+        self.rollout_latency_ms = Histogram(
+            "inflow_rollout_candidate_latency_ms",
+            "From submit to the candidate's answer, queue included (ms)",
+            c,
+            buckets=LATENCY_BUCKETS_MS,
+            registry=r,
+        )
+        self.rollout_errors = Counter(
+            "inflow_rollout_candidate_errors", "Texts the candidate failed on", c, registry=r
+        )
+        self.rollout_auto_rollbacks = Counter(
+            "inflow_rollout_auto_rollbacks",
+            "Rollouts this worker ended because their rule was breached",
+            ["candidate", "rule"],
+            registry=r,
+        )
 
     # ---------------------------------------------------------------------- updates
 

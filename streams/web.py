@@ -299,6 +299,20 @@ class SearchServer:
             await runner.cleanup()
 
 
+def _rollout_summary(rollout: Any) -> dict[str, Any] | None:
+    """The candidate this worker serves beside the active engine (streams.rollout), if any."""
+    record = None if rollout is None else rollout.record
+    if record is None:
+        return None
+    return {
+        "mode": record.mode,
+        "candidate": record.candidate,
+        "share": record.share,
+        "status": record.status,
+        "live": rollout.stats.to_dict(),
+    }
+
+
 def register_views(app: faust.App, state: dict[str, Any]) -> None:
     batcher = state["batcher"]
     metrics = state["metrics"]
@@ -329,6 +343,7 @@ def register_views(app: faust.App, state: dict[str, Any]) -> None:
             **report.body(),
             "live": health.live().body(),
             "engine": dataclasses.asdict(identity) if identity else None,
+            "rollout": _rollout_summary(state.get("rollout")),
             "in_flight": infer.in_flight,
             "queued_for_batch": batcher.pending,
             "batches": batcher.stats.batches,

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.drift import CONFIDENCE_EDGES, Distribution
-from engines.registry import Registry
+from engines.registry import Registry, RolloutRecord
 from indexer import Searcher
 from streams.app import es_settings
 from streams.config import ConfigError, Settings
+from streams.rollout import LiveComparison
 
 SHIFTED_PSI = 0.25  # the alert's threshold (deploy/prometheus/alerts.yml)
 MODERATE_PSI = 0.1
@@ -29,6 +30,10 @@ class Comparison:
     version: str
     baseline: Distribution | None
     live: Distribution
+    # When `version` is the latest rollout's candidate: that rollout, and the workers' live
+    # comparison of the candidate with the active engine on the same events.
+    rollout: RolloutRecord | None = None
+    against_active: LiveComparison | None = None
 
     @property
     def psi_labels(self) -> float | None:
@@ -45,6 +50,15 @@ class Comparison:
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
             "psi_labels": self.psi_labels,
             "psi_confidence": self.psi_confidence,
+            "rollout": None
+            if self.rollout is None or self.against_active is None
+            else {
+                "mode": self.rollout.mode,
+                "active": self.rollout.active,
+                "share": self.rollout.share,
+                "status": self.rollout.status,
+                **self.against_active.to_dict(),
+            },
         }
 
 
@@ -56,11 +70,21 @@ def verdict(value: float | None) -> str:
     return "moderate shift" if value > MODERATE_PSI else "as at evaluation"
 
 
+def live_comparison(registry: Registry, record: RolloutRecord) -> LiveComparison:
+    """Every worker's totals of `record`'s rollout, summed (from the registry's rollout-stats)."""
+    total = LiveComparison(rollout=record.key, worker="all")
+    for data in registry.rollout_stats():
+        if data.get("rollout") == record.key:
+            total.add(LiveComparison.from_dict(data))
+    return total
+
+
 async def compare(
     settings: Settings, versions: Sequence[str], sample: int, since: str | None
 ) -> list[Comparison]:
     registry = Registry(settings.engine_dir)
     out = []
+    record = registry.rollout()
     async with Searcher(es_settings(settings), alias=settings.es_alias) as searcher:
         for version in versions:
             manifest = registry.get(version)
@@ -70,7 +94,11 @@ async def compare(
             live = Distribution.of_predictions(
                 manifest.labels, recent, source=f"latest {len(recent)} in {settings.es_alias}"
             )
-            out.append(Comparison(version, baseline, live))
+            if record is not None and record.candidate == version:
+                against = live_comparison(registry, record)
+                out.append(Comparison(version, baseline, live, record, against))
+            else:
+                out.append(Comparison(version, baseline, live))
     return out
 
 
@@ -97,6 +125,12 @@ def format_comparison(c: Comparison) -> str:
         span = f"{CONFIDENCE_EDGES[i]:.2f}-{CONFIDENCE_EDGES[i + 1]:.2f}"
         e = b.confidence_shares[i] if b else 0.0
         lines.append(f"  {span:<16}{e:>12.3f}{live:>10.3f}")
+    if c.rollout is not None and c.against_active is not None:
+        r = c.rollout
+        lines.append(
+            f"  {r.mode} against {r.active} on {r.share:.0%} of keys "
+            f"({r.status.replace('_', ' ')}): {c.against_active.describe()}"
+        )
     return "\n".join(lines)
 
 
@@ -109,6 +143,9 @@ def run_compare(
         if active is None:
             raise ConfigError(f"no active engine in {registry.root}: name the versions")
         versions = [active]
+        record = registry.rollout()
+        if record is not None and record.running:
+            versions.append(record.candidate)  # with the live comparison of the two
     found = asyncio.run(compare(settings, versions, sample, since))
     if as_json:
         print(json.dumps([c.to_dict() for c in found], indent=1))

@@ -80,6 +80,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no engines in {registry.root}: run `inflow engine ensure`")
         return 0
     active = registry.active_version()
+    rollout = registry.rollout()
+    candidate = rollout.candidate if rollout is not None and rollout.running else None
     width = max(len("version"), *(len(m.version) for m in manifests))
     print(f"  {'version':<{width}}  {'status':<8}  {'model':<24}  agreement  cos min  created")
     for m in manifests:
@@ -87,11 +89,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         agreement = parity.get("agreement")
         cos = parity.get("cosine_min")
         print(
-            f"{'*' if m.version == active else ' '} {m.version:<{width}}  {m.status:<8}  "
+            f"{_marker(m.version, active, candidate)} {m.version:<{width}}  {m.status:<8}  "
             f"{m.model_name:<24}  {agreement if agreement is None else f'{agreement:9.4f}'}  "
             f"{cos if cos is None else f'{cos:7.4f}'}  {m.created}"
         )
     return 0
+
+
+def _marker(version: str, active: str | None, candidate: str | None) -> str:
+    return "*" if version == active else "~" if version == candidate else " "
 
 
 @_guard
@@ -105,10 +111,109 @@ def cmd_activate(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """During a shadow or canary: end it (the candidate gets no more events). Otherwise:
+    re-activate the previously active version."""
+    from engines.registry import ROLLED_BACK, Registry
+
+    registry = Registry(_registry_root(args))
+    record = registry.rollout()
+    if record is not None and record.running:
+        ended = registry.end_rollout(ROLLED_BACK, "rolled back by hand")
+        print(
+            f"rolled back the {ended.mode} of {ended.candidate}: every event goes to "
+            f"{registry.active_version()}"
+        )
+        return 0
+    version = registry.rollback()
+    print(f"rolled back: active engine is {version}")
+    return 0
+
+
+def _rule(args: argparse.Namespace) -> object:
+    from engines.registry import RolloutRule
+
+    def off(value: float) -> float | None:
+        return None if value < 0 else value
+
+    try:
+        return RolloutRule(
+            min_agreement=off(args.min_agreement),
+            max_error_rate=off(args.max_error_rate),
+            min_samples=args.min_samples,
+        )
+    except ValueError as exc:
+        from engines.errors import ActivationRefused
+
+        raise ActivationRefused(str(exc)) from None
+
+
+def _start_rollout(args: argparse.Namespace, mode: str) -> int:
+    from engines.registry import Registry, RolloutRule
+
+    rule = _rule(args)
+    assert isinstance(rule, RolloutRule)
+    record = Registry(_registry_root(args)).start_rollout(mode, args.version, args.share, rule)
+    checks = []
+    if rule.min_agreement is not None:
+        checks.append(f"label agreement below {rule.min_agreement}")
+    if rule.max_error_rate is not None:
+        checks.append(f"error rate above {rule.max_error_rate}")
+    auto = " or ".join(checks) or "never (no rule)"
+    what = "predicted beside" if mode == "shadow" else "predicted and published instead of"
+    print(
+        f"{mode}: {record.candidate} {what} {record.active} for {record.share:.0%} of keys; "
+        f"rolled back automatically on {auto} over {rule.min_samples} events; "
+        "`inflow engine promote` or `inflow engine rollback` ends it"
+    )
+    return 0
+
+
+@_guard
+def cmd_shadow(args: argparse.Namespace) -> int:
+    return _start_rollout(args, "shadow")
+
+
+@_guard
+def cmd_canary(args: argparse.Namespace) -> int:
+    return _start_rollout(args, "canary")
+
+
+@_guard
+def cmd_promote(args: argparse.Namespace) -> int:
     from engines.registry import Registry
 
-    version = Registry(_registry_root(args)).rollback()
-    print(f"rolled back: active engine is {version}")
+    record = Registry(_registry_root(args)).promote()
+    print(
+        f"promoted: active engine is {record.candidate} (was {record.active}; "
+        "`inflow engine rollback` goes back)"
+    )
+    return 0
+
+
+@_guard
+def cmd_rollout(args: argparse.Namespace) -> int:
+    import json
+
+    from engines.registry import Registry
+    from streams.cli.compare import live_comparison
+
+    registry = Registry(_registry_root(args))
+    record = registry.rollout()
+    if record is None:
+        print("no rollout yet: `inflow engine shadow|canary VERSION` starts one")
+        return 0
+    live = live_comparison(registry, record)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps({"record": asdict(record), "live": live.to_dict()}, indent=1))
+        return 0
+    print(
+        f"{record.mode} of {record.candidate} against {record.active}, {record.share:.0%} of "
+        f"keys, {record.status.replace('_', ' ')} (started {record.started}"
+        + (f", ended {record.ended}: {record.reason})" if record.ended else ")")
+    )
+    print(f"  live: {live.describe()}")
     return 0
 
 
@@ -211,6 +316,16 @@ def _add_thresholds(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-score-diff", type=float, default=None, help="max |Δprob| (off)")
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a share: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a share is within (0, 1] (or 1%..100%), got {text}")
+    return value
+
+
 def _csv_ints(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.replace(",", " ").split()]
@@ -256,18 +371,44 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     _add_thresholds(b)
     b.set_defaults(handler=cmd_build)
 
-    esub.add_parser("list", help="versions, status, parity; * marks the active one").set_defaults(
-        handler=cmd_list
-    )
+    esub.add_parser(
+        "list", help="versions, status, parity; * marks the active one, ~ a rollout's candidate"
+    ).set_defaults(handler=cmd_list)
 
     a = esub.add_parser("activate", help="make VERSION the active engine")
     a.add_argument("version")
     a.add_argument("--force", action="store_true", help="allow a build the gate rejected")
     a.set_defaults(handler=cmd_activate)
 
-    esub.add_parser("rollback", help="re-activate the previously active version").set_defaults(
-        handler=cmd_rollback
-    )
+    esub.add_parser(
+        "rollback",
+        help="end a running shadow or canary; without one, re-activate the previous version",
+    ).set_defaults(handler=cmd_rollback)
+
+    for mode, handler, what, share in (
+        ("shadow", cmd_shadow, "predict beside the active engine, never published", 0.2),
+        ("canary", cmd_canary, "predict and publish instead of the active engine", 0.25),
+    ):
+        r = esub.add_parser(
+            mode,
+            help=f"run VERSION on a share of keys ({what}); the workers follow within seconds",
+        )
+        r.add_argument("version")
+        r.add_argument(
+            "--share", type=_share, default=share, help=f"share of keys, by key hash ({share})"
+        )
+        g = r.add_argument_group("automatic rollback (per worker; a negative value: off)")
+        g.add_argument("--min-agreement", type=float, default=0.9, help="label agreement (0.9)")
+        g.add_argument("--max-error-rate", type=float, default=0.05, help="candidate errors (0.05)")
+        g.add_argument("--min-samples", type=int, default=200, help="judged from (200) events")
+        r.set_defaults(handler=handler)
+
+    esub.add_parser(
+        "promote", help="activate the running rollout's candidate and end the rollout"
+    ).set_defaults(handler=cmd_promote)
+    ro = esub.add_parser("rollout", help="the latest shadow or canary and its live comparison")
+    ro.add_argument("--json", action="store_true")
+    ro.set_defaults(handler=cmd_rollout)
 
     v = esub.add_parser("verify", help="check the sha256 of every artifact of a version")
     v.add_argument("version", nargs="?", default=None, help="default: the active version")
