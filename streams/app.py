@@ -26,13 +26,13 @@ from indexer.client import describe_es_error
 from streams.batcher import Batcher, BatchPolicy
 from streams.config import Settings
 from streams.drift import DriftWatch
-from streams.eos import TransactionalInfer
+from streams.eos import TransactionalInfer, eos_group
 from streams.flow import InFlightBudget, record_cost
 from streams.health import WorkerHealth
 from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
 from streams.kafka import client_options, faust_credentials
-from streams.lag import ConsumerLag, LagUnavailable
+from streams.lag import ConsumerLag, LagSample, LagUnavailable, merge_samples
 from streams.logs import install_repeat_filter
 from streams.metrics import Metrics
 from streams.retry import RetryPolicy
@@ -182,14 +182,30 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     texts = topic(settings.texts_topic)
     predictions = topic(settings.predictions_topic)
     engine_loaded = asyncio.Event()
-    lag = ConsumerLag(
-        settings.app_id,
-        assignment=lambda: app.consumer.assignment(),
-        client_options=client_options(settings),
-    )
+    exactly_once = settings.processing_guarantee == "exactly_once"
+    transactional = TransactionalInfer(settings, batcher, metrics, retry) if exactly_once else None
+    lags = [
+        ConsumerLag(
+            settings.app_id,
+            assignment=lambda: app.consumer.assignment(),
+            client_options=client_options(settings),
+        )
+    ]
+    if transactional is not None:  # texts are consumed by its own group: watched too
+        lags.append(
+            ConsumerLag(
+                eos_group(settings),
+                assignment=transactional.assignment,
+                client_options=client_options(settings),
+            )
+        )
+
+    def latest_lag() -> LagSample | None:
+        return merge_samples(lag.last for lag in lags)
+
     health = WorkerHealth(
         assignment=lambda: app.consumer.assignment(),
-        lag=lambda: lag.last,
+        lag=latest_lag,
         stall_after_s=settings.stall_after_s,
     )
     app_state.update(health=health)
@@ -201,10 +217,8 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
             min_samples=settings.drift_min_samples,
         )
     )
-    metrics.watch_lag(lambda: lag.last, max_age_s=3 * settings.health_poll_s)
+    metrics.watch_lag(latest_lag, max_age_s=3 * settings.health_poll_s)
 
-    exactly_once = settings.processing_guarantee == "exactly_once"
-    transactional = TransactionalInfer(settings, batcher, metrics) if exactly_once else None
     if transactional is None:
 
         @app.agent(texts, concurrency=1)
@@ -224,7 +238,8 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     @app.task
     async def _start() -> None:
         await batcher.start()
-        await lag.start()
+        for lag in lags:
+            await lag.start()
 
         # Elasticsearch may come up after the worker: retry what may pass later rather than
         # crash; a permanent refusal (credentials, a name taken by an index) is one line and
@@ -264,17 +279,21 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         await writer.stop()
         await searcher.stop()
         await es.close()
-        await lag.stop()
+        for lag in lags:
+            await lag.stop()
 
     @app.timer(interval=settings.health_poll_s)
     async def probe_health() -> None:
         repeats.flush()
         if ready.is_set():  # before, _start reports Elasticsearch through its retry loop
             health.set("elasticsearch", await index_problem(es, settings.es_alias))
-        try:
-            await lag.sample()
-        except LagUnavailable as exc:
-            log.warning("consumer lag: %s", exc)
+        if transactional is not None:  # its loop ended: not ready, and the log says why
+            health.set("exactly_once", transactional.failure)
+        for lag in lags:
+            try:
+                await lag.sample()
+            except LagUnavailable as exc:
+                log.warning("consumer lag: %s", exc)
         metrics.set_ready(health.ready().ok)
 
     @app.timer(interval=settings.engine_poll_s)

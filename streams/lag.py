@@ -75,6 +75,21 @@ class LagSample:
         return [p for p in self.partitions.values() if p.lag > 0 and p.idle_s > max_idle_s]
 
 
+def merge_samples(samples: Iterable[LagSample | None]) -> LagSample | None:
+    """One sample over several groups' partitions (an exactly-once worker consumes its texts
+    in a group of its own): None until every group has been sampled once."""
+    taken = list(samples)
+    if not taken or any(sample is None for sample in taken):
+        return None
+    present = [sample for sample in taken if sample is not None]
+    if len(present) == 1:
+        return present[0]
+    partitions: dict[Partition, PartitionLag] = {}
+    for sample in present:
+        partitions.update(sample.partitions)
+    return LagSample(min(sample.taken_at for sample in present), partitions)
+
+
 class LagTracker:
     """Pure bookkeeping: offsets in, a `LagSample` out, remembering each partition's progress."""
 

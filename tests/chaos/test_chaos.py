@@ -263,14 +263,6 @@ async def test_poison_texts_are_dead_letters_and_nothing_else_stops(
     assert health is not None and health["status"] == "ok", "the worker still runs"
 
 
-@pytest.mark.skipif(
-    not os.environ.get("INFLOW_CHAOS_EOS"),
-    reason=(
-        "opt in with INFLOW_CHAOS_EOS=1: in 1 of 4 full-suite runs the surviving worker's "
-        "exactly-once path stalled after a NotEnoughReplicas produce error and never caught up "
-        "(issue 13 stays open until it is found); kept out of CI so the flake cannot block it"
-    ),
-)
 async def test_exactly_once_read_committed_sees_one_prediction_per_event_across_kill_9(
     services: TestServices, chaos_workers: WorkerEnv, names: Names
 ) -> None:

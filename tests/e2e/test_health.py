@@ -16,11 +16,13 @@ from urllib.parse import urlsplit
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from engines.build.data import sample_texts
 from engines.registry import Registry
 from schemas import encode_event
 from streams.dev.services import free_port
+from tests.chaos.harness import read_all
 from tests.e2e.conftest import ROOT, Names, Worker, WorkerFactory, read_topic
 from tests.e2e.test_pipeline import _produce
 
@@ -209,33 +211,63 @@ async def test_workers_wait_for_the_build_job_and_never_build(
     assert len(Registry(registry_dir).list()) == 1, "the workers built nothing after the job"
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_live_fails_when_the_consumer_stalls_with_lag(
-    workers: WorkerFactory, names: Names, kafka_bootstrap: str
+    workers: WorkerFactory, names: Names, kafka_bootstrap: str, guarantee: str
 ) -> None:
-    # A predictions topic that refuses every record (max.message.bytes below any prediction):
-    # the infer agent keeps retrying its publish, commits nothing, and lag on the texts topic
-    # stays above zero. Engine and Elasticsearch are fine, so nothing excuses the stall.
+    # A predictions topic that refuses every record (max.message.bytes below any prediction,
+    # above a transaction marker: the broker gives up on a transaction whose marker it refuses):
+    # the worker keeps its batch open (at least once: the publish is parked; exactly once:
+    # each transaction aborts), commits nothing, and lag on the texts topic stays above zero.
+    # Engine and Elasticsearch are fine, so nothing excuses the stall. (aiokafka commits a
+    # transaction whose produce batch failed; exactly once lost all 8 events this way.)
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
         await admin.create_topics(
-            [NewTopic(names.predictions, 4, 1, topic_configs={"max.message.bytes": "64"})]
+            [NewTopic(names.predictions, 4, 1, topic_configs={"max.message.bytes": "1024"})]
+        )
+        worker = workers.start(
+            INFLOW_STALL_AFTER_S="4",
+            INFLOW_HEALTH_POLL_S="1",
+            INFLOW_PERMANENT_RECHECK_S="2",
+            INFLOW_PROCESSING_GUARANTEE=guarantee,
+        )
+        live = await asyncio.to_thread(worker.probe, "/health/live")
+        assert live is not None and live[0] == 200, live
+        texts = sample_texts(8, seed=3)
+        sent = [f"s-{i}" for i in range(len(texts))]
+        await _produce(
+            kafka_bootstrap,
+            names.texts,
+            [(eid.encode(), encode_event(t, id=eid)) for eid, t in zip(sent, texts, strict=True)],
+        )
+        _status, body = await _until(worker, "/health/live", lambda s, _: s == 503, 90)
+        reason = str(body["reason"])
+        assert f"{names.texts}[" in reason and "no progress" in reason, body
+        ready = await asyncio.to_thread(worker.probe, "/health/ready")
+        assert ready is not None and ready[0] == 200, "its dependencies are fine: only live fails"
+        assert await read_all(kafka_bootstrap, names.predictions, read_committed=True) == []
+
+        # The cause fixed, the parked batch goes through: each event predicted exactly once.
+        await admin.alter_configs(
+            [
+                ConfigResource(
+                    ConfigResourceType.TOPIC, names.predictions, {"max.message.bytes": "1048588"}
+                )
+            ]
         )
     finally:
         await admin.close()
-    worker = workers.start(INFLOW_STALL_AFTER_S="4", INFLOW_HEALTH_POLL_S="1")
-    live = await asyncio.to_thread(worker.probe, "/health/live")
-    assert live is not None and live[0] == 200, live
-    texts = sample_texts(8, seed=3)
-    await _produce(
-        kafka_bootstrap,
-        names.texts,
-        [(f"s-{i}".encode(), encode_event(t, id=f"s-{i}")) for i, t in enumerate(texts)],
-    )
-    _status, body = await _until(worker, "/health/live", lambda s, _: s == 503, 90)
-    assert f"{names.texts}[" in str(body["reason"]) and "no progress" in str(body["reason"]), body
-    ready = await asyncio.to_thread(worker.probe, "/health/ready")
-    assert ready is not None and ready[0] == 200, "its dependencies are fine: only live fails"
+    await _until(worker, "/health/live", lambda s, _: s == 200, 90)
+    deadline = time.monotonic() + 60
+    while True:
+        committed = await read_all(kafka_bootstrap, names.predictions, read_committed=True)
+        if len(committed) >= len(sent) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    assert sorted(key or b"" for key, _, _ in committed) == sorted(e.encode() for e in sent)
+    assert " ERROR " in worker.log.read_text(), "the permanent error is one ERROR line"
 
 
 async def test_a_worker_waits_not_ready_until_kafka_answers(

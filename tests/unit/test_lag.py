@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.lag import ConsumerLag, LagTracker
+from streams.lag import ConsumerLag, LagTracker, merge_samples
 
 T0, T1 = ("texts", 0), ("texts", 1)
 
@@ -70,3 +70,18 @@ async def test_consumer_lag_refuses_a_sample_before_start_and_bad_timeouts() -> 
     with pytest.raises(RuntimeError):
         await lag.sample()
     await lag.stop()  # safe without start
+
+
+def test_samples_of_two_groups_merge_so_a_stall_in_either_is_seen() -> None:
+    # An exactly-once worker: the predictions in Faust's group, the texts in a group of its own.
+    faust = LagTracker().update(now=10.0, end_offsets={("predictions", 0): 5}, committed={})
+    texts = LagTracker()
+    texts.update(now=0.0, end_offsets={T0: 9}, committed={T0: 1})
+    stuck = texts.update(now=20.0, end_offsets={T0: 9}, committed={T0: 1})
+    merged = merge_samples([faust, stuck])
+    assert merged is not None
+    assert merged.lag == {("predictions", 0): 5, T0: 8}
+    assert [p.topic for p in merged.stalled(15)] == ["texts"]
+    assert merged.taken_at == 10.0  # as old as its oldest part
+    assert merge_samples([faust, None]) is None, "one group not sampled yet: no verdict"
+    assert merge_samples([faust]) is faust
