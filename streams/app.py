@@ -183,7 +183,11 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     predictions = topic(settings.predictions_topic)
     engine_loaded = asyncio.Event()
     exactly_once = settings.processing_guarantee == "exactly_once"
-    transactional = TransactionalInfer(settings, batcher, metrics, retry) if exactly_once else None
+    transactional = (
+        TransactionalInfer(settings, batcher, metrics, retry, rollout=rollout)
+        if exactly_once
+        else None
+    )
     lags = [
         ConsumerLag(
             settings.app_id,

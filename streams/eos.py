@@ -47,6 +47,7 @@ from streams.infer import Headers, InferStage, InferTopics, InputRecord
 from streams.kafka import client_options
 from streams.metrics import Metrics
 from streams.retry import RetryPolicy
+from streams.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,11 @@ class TransactionalInfer:
         batcher: Batcher,
         metrics: Metrics,
         retry: RetryPolicy | None = None,
+        rollout: Rollout | None = None,
     ) -> None:
         self._settings = settings
         self._batcher = batcher
+        self._rollout = rollout  # a shadow's or canary's candidate (streams.rollout)
         self._metrics = metrics
         self._retry = retry or RetryPolicy()
         self._topics = InferTopics(settings.predictions_topic, settings.texts_dlq_topic)
@@ -215,7 +218,12 @@ class TransactionalInfer:
     async def _predict(self, messages: Any) -> list[Output]:
         collector = _Collector()
         stage = InferStage(
-            self._batcher, collector, self._topics, self._metrics, max_in_flight=len(messages)
+            self._batcher,
+            collector,
+            self._topics,
+            self._metrics,
+            max_in_flight=len(messages),
+            rollout=self._rollout,
         )
         for message in messages:
             await stage.handle(

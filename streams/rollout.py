@@ -299,7 +299,8 @@ class Rollout:
             except Exception as exc:  # the batcher stopped under it: nothing to compare
                 log.debug("rollout comparison dropped: %s", exc)
                 return
-            if record is not self._record:
+            current = self._record
+            if current is None or current.key != record.key:
                 return  # the rollout changed meanwhile: these totals are not its
             active, candidate = (published, second) if active_first else (second, published)
             self._observe(record, active, candidate)
