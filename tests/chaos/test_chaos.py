@@ -40,6 +40,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow, pytest
 # The done-when bound: a second worker takes over a kill -9'd worker's partitions and catches
 # up within this many seconds of the kill.
 TAKEOVER_S = float(os.environ.get("INFLOW_CHAOS_TAKEOVER_S", "15"))
+# Scenarios that run in both delivery modes (exactly once: read_committed sees one each).
+GUARANTEES = pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 
 
 async def _until_sent(producer: SteadyProducer, count: int) -> None:
@@ -67,13 +69,14 @@ async def test_worker_kill_9_second_worker_takes_over(
     assert seconds <= TAKEOVER_S, f"caught up {seconds:.1f}s after the kill (> {TAKEOVER_S}s)"
 
 
+@GUARANTEES
 async def test_broker_kill_9_and_restart_with_its_data(
-    private_services: PrivateServices, chaos_workers: WorkerEnv, names: Names
+    private_services: PrivateServices, chaos_workers: WorkerEnv, names: Names, guarantee: str
 ) -> None:
     endpoints = private_services.endpoints
     assert endpoints is not None
     factory = chaos_workers(endpoints.kafka_bootstrap, endpoints.es_url)
-    worker = factory.start()
+    worker = factory.start(INFLOW_PROCESSING_GUARANTEE=guarantee)
     records = events("broker")
     producer = SteadyProducer(endpoints.kafka_bootstrap, names.texts, records)
     with RssSampler() as rss:
@@ -93,6 +96,7 @@ async def test_broker_kill_9_and_restart_with_its_data(
     outage_log = worker.log.read_text(errors="replace").splitlines()[log_before:]
     figures = Figures(
         "broker kill -9 + restart",
+        guarantee=guarantee,
         catch_up_s=seconds,
         peak_rss_mb=rss.peak(),
         notes={"log_errors": _log_errors("\n".join(outage_log)), "resends": producer.resends},
@@ -103,7 +107,10 @@ async def test_broker_kill_9_and_restart_with_its_data(
         es_url=endpoints.es_url,
         names=names,
         sent=[eid for eid, _ in records],
+        read_committed=guarantee == "exactly_once",
     )
+    if guarantee == "exactly_once":
+        assert figures.duplicate_predictions == 0, "read_committed must see each prediction once"
     errors = figures.notes["log_errors"]
     assert isinstance(errors, int) and errors <= 40, f"{errors} ERROR lines for one outage"
 
@@ -195,10 +202,12 @@ async def test_search_server_down_under_load_costs_lag_not_memory(
     )
 
 
+@GUARANTEES
 async def test_a_worker_joining_and_leaving(
-    services: TestServices, chaos_workers: WorkerEnv, names: Names
+    services: TestServices, chaos_workers: WorkerEnv, names: Names, guarantee: str
 ) -> None:
     factory = chaos_workers(services.kafka_bootstrap, services.es_url)
+    factory.env["INFLOW_PROCESSING_GUARANTEE"] = guarantee
     first = factory.start()
     records = events("joinleave")
     producer = SteadyProducer(services.kafka_bootstrap, names.texts, records)
@@ -213,14 +222,19 @@ async def test_a_worker_joining_and_leaving(
         left = time.monotonic()
         seconds = await catch_up(services.es_url, names.alias, producer.sent_before(left), left)
         await producer.wait()
-    figures = Figures("worker joins and leaves", catch_up_s=seconds, peak_rss_mb=rss.peak())
+    figures = Figures(
+        "worker joins and leaves", guarantee=guarantee, catch_up_s=seconds, peak_rss_mb=rss.peak()
+    )
     await account(
         figures,
         bootstrap=services.kafka_bootstrap,
         es_url=services.es_url,
         names=names,
         sent=[eid for eid, _ in records],
+        read_committed=guarantee == "exactly_once",
     )
+    if guarantee == "exactly_once":
+        assert figures.duplicate_predictions == 0, "read_committed must see each prediction once"
 
 
 POISON: list[tuple[bytes, bytes | None, str]] = [
