@@ -37,11 +37,16 @@ class Comparison:
 
     @property
     def psi_labels(self) -> float | None:
-        return None if self.baseline is None else self.baseline.psi_labels(self.live)
+        """None without a baseline, or without live predictions (a shadow's candidate)."""
+        if self.baseline is None or not self.live.n:
+            return None
+        return self.baseline.psi_labels(self.live)
 
     @property
     def psi_confidence(self) -> float | None:
-        return None if self.baseline is None else self.baseline.psi_confidence(self.live)
+        if self.baseline is None or not self.live.n:
+            return None
+        return self.baseline.psi_confidence(self.live)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,7 +113,9 @@ def format_comparison(c: Comparison) -> str:
         f"{c.version}: {c.live.n} live predictions ({c.live.source}) against "
         f"{b.source if b else 'no recorded baseline (`inflow engine baseline` records one)'}"
     ]
-    if b is not None:
+    if b is not None and not c.live.n:
+        lines.append("  PSI: no live predictions of this version in the index")
+    elif b is not None:
         assert c.psi_labels is not None and c.psi_confidence is not None
         lines.append(
             f"  PSI labels {c.psi_labels:.3f} ({verdict(c.psi_labels)}), confidence "
