@@ -33,6 +33,8 @@ from typing import Any
 import msgspec
 import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from elasticsearch import AsyncElasticsearch
+from elasticsearch.helpers import async_scan
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from engines.registry import Registry
@@ -45,7 +47,7 @@ from indexer import (
     set_index_meta,
     switch_alias,
 )
-from schemas import DecodeError, decode_event
+from schemas import DecodeError, TextEvent, decode_event, parse_rfc3339_ms
 from streams.app import es_settings
 from streams.batcher import ItemResult
 from streams.cli.records import topic_partitions
@@ -127,12 +129,19 @@ async def _predict(engine: Any, records: list[Any], topic: str) -> tuple[list[di
         if isinstance(decoded, DecodeError):
             skipped += 1
         else:
-            events.append((m, decoded))
+            events.append(
+                (InputRecord(topic, m.partition, m.offset, m.key, m.value, _noop), decoded)
+            )
+    return await _embed(engine, events), skipped
+
+
+async def _embed(engine: Any, events: list[tuple[InputRecord, TextEvent]]) -> list[dict[str, Any]]:
+    """The new model's documents for `events` (where each was read, what it said)."""
     if not events:
-        return [], skipped
+        return []
     result = await asyncio.to_thread(engine.predict, [e.text for _, e in events])
     docs = []
-    for i, (m, event) in enumerate(events):
+    for i, (record, event) in enumerate(events):
         item = ItemResult(
             label=result.labels[i],
             scores=result.scores[i],
@@ -143,9 +152,8 @@ async def _predict(engine: Any, records: list[Any], topic: str) -> tuple[list[di
             infer_ms=0.0,
             batch_size=len(events),
         )
-        record = InputRecord(topic, m.partition, m.offset, m.key, m.value, _noop)
         docs.append(msgspec.to_builtins(build_prediction(record, event, item)))
-    return docs, skipped
+    return docs
 
 
 def _noop() -> None:
@@ -184,7 +192,7 @@ async def reindex(
         await writer.start()
         try:
             await _backfill(
-                settings, engine, writer, plan, registry, activate, handover_s, metrics, quiet
+                settings, es, engine, writer, plan, registry, activate, handover_s, metrics, quiet
             )
         finally:
             engine.close()
@@ -209,6 +217,7 @@ async def reindex(
 
 async def _backfill(
     settings: Settings,
+    es: AsyncElasticsearch,
     engine: Any,
     writer: BulkWriter,
     plan: Plan,
@@ -231,6 +240,15 @@ async def _backfill(
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         starts = await consumer.beginning_offsets(tps)
+        # Events the topic's retention no longer holds: from the serving index's stored text.
+        gaps = {
+            tp.partition: (plan.offsets.get(tp.partition, 0), starts[tp])
+            for tp in tps
+            if plan.offsets.get(tp.partition, 0) < starts[tp]
+        }
+        from_index = await _from_stored_text(
+            es, engine, writer, plan, topic, gaps, progress, metrics
+        )
         if plan.since_ms is not None:
             found = await consumer.offsets_for_times({tp: plan.since_ms for tp in tps})
             ends = await consumer.end_offsets(tps)
@@ -278,11 +296,84 @@ async def _backfill(
         if not quiet:
             print(progress.bar("done"), file=sys.stderr, flush=True)
         _say(
-            f"re-embedded {progress.done} events with {plan.version} into {plan.index} "
+            f"re-embedded {progress.done} events with {plan.version} into {plan.index}: "
+            f"{progress.done - from_index} from topic {topic}, {from_index} from the stored "
+            f"text of {', '.join(plan.serving) or 'no index'} "
             f"({progress.skipped} records that are no event skipped)"
         )
     finally:
         await consumer.stop()
+
+
+async def _from_stored_text(
+    es: AsyncElasticsearch,
+    engine: Any,
+    writer: BulkWriter,
+    plan: Plan,
+    topic: str,
+    gaps: Mapping[int, tuple[int, int]],
+    progress: Progress,
+    metrics: ReindexMetrics,
+) -> int:
+    """Re-embed the documents of the serving index whose source offsets the topic no longer
+    holds (partition -> [from, log start)), from the text and metadata they stored; with
+    --from-timestamp, only those processed since then. Returns how many."""
+    if not gaps or not plan.serving:
+        return 0
+    ranges = ", ".join(f"[{p}] {lo}-{hi - 1}" for p, (lo, hi) in sorted(gaps.items()))
+    _say(f"topic {topic} no longer holds offsets {ranges}: reading them from {plan.serving}")
+    filters: list[dict[str, Any]] = [
+        {"term": {"source.topic": topic}},
+        {
+            "bool": {
+                "should": [
+                    {
+                        "bool": {
+                            "filter": [
+                                {"term": {"source.partition": partition}},
+                                {"range": {"source.offset": {"gte": lo, "lt": hi}}},
+                            ]
+                        }
+                    }
+                    for partition, (lo, hi) in gaps.items()
+                ],
+                "minimum_should_match": 1,
+            }
+        },
+    ]
+    if plan.since_ms is not None:
+        filters.append({"range": {"processed_ts": {"gte": plan.since_ms}}})
+    fields = ["id", "text", "metadata", "event_ts", "source"]
+    done = 0
+    events: list[tuple[InputRecord, TextEvent]] = []
+
+    async def flush() -> None:
+        nonlocal done, events
+        docs = await _embed(engine, events)
+        outcome = await writer.bulk_index(docs)
+        if outcome.rejected:
+            raise ConfigError(f"{plan.index} refused {len(outcome.rejected)} documents")
+        done += len(docs)
+        progress.done += len(docs)
+        metrics.events.inc(len(docs))
+        events = []
+
+    async for hit in async_scan(
+        es, index=plan.serving, query={"query": {"bool": {"filter": filters}}, "_source": fields}
+    ):
+        doc = hit["_source"]
+        source = doc["source"]
+        record = InputRecord(
+            source["topic"], source["partition"], source["offset"], None, None, _noop
+        )
+        event_ts = doc.get("event_ts")
+        ts_ms = None if event_ts is None else parse_rfc3339_ms(event_ts)
+        events.append((record, TextEvent(doc["id"], doc["text"], doc.get("metadata"), ts_ms)))
+        if len(events) >= BATCH:
+            await flush()
+    if events:
+        await flush()
+    return done
 
 
 async def previous_version(settings: Settings) -> tuple[str, int]:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from elasticsearch import AsyncElasticsearch
 
 from engines.registry import Registry
@@ -141,3 +143,49 @@ async def test_reindex_backfills_while_events_flow_then_cuts_over_and_rolls_back
     assert set(counts) == ids | {f"r-{i}" for i in range(2 * N, 2 * N + 10)}
     assert set(counts.values()) == {1}
     assert Registry(registry).active_version() == old
+
+
+async def test_reindex_takes_what_retention_dropped_from_the_index_stored_text(
+    workers: WorkerFactory,
+    names: Names,
+    kafka_bootstrap: str,
+    es_url: str,
+    engine_dir: Path,
+    own_engine: dict[str, Path],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    registry, _old, new = _registry(tmp_path, engine_dir, own_engine["topic"])
+    env = {**workers.env, "INFLOW_ENGINE_DIR": str(registry)}
+    workers.start(INFLOW_ENGINE_DIR=str(registry))
+    texts = [(f"k-{i}", f"story {i}: rain, goals and markets") for i in range(N)]
+    await _produce(
+        kafka_bootstrap, names.texts, [(k.encode(), encode_event(t, id=k)) for k, t in texts]
+    )
+    await _wait_count(es_url, names.alias, N)
+
+    # Retention took the older half of every partition: only the index still has those events.
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()  # what partitions_for_topic reads
+        partitions = consumer.partitions_for_topic(names.texts) or set()
+        tps = [TopicPartition(names.texts, p) for p in sorted(partitions)]
+        ends = await consumer.end_offsets(tps)
+        cut = {tp: RecordsToDelete(before_offset=ends[tp] // 2) for tp in tps}
+        await admin.delete_records(cut)
+        dropped = sum(ends[tp] // 2 for tp in tps)
+        assert dropped > 0 and (await consumer.beginning_offsets(tps)) == {
+            tp: ends[tp] // 2 for tp in tps
+        }
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+    output = await _finish(_reindex(env, "--version", new, "--no-activate"))
+    assert "no longer holds offsets" in output, output
+    assert f"{N - dropped} from topic {names.texts}, {dropped} from the stored text" in output
+    _indices, counts, versions = await _alias_state(es_url, names.alias)
+    assert set(counts) == {k for k, _ in texts} and set(counts.values()) == {1}
+    assert versions == {new}
