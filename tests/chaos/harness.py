@@ -277,7 +277,10 @@ async def account(
     predictions = await read_all(bootstrap, names.predictions, read_committed=read_committed)
     keys = [key for key, _, _ in predictions]
     figures.duplicate_predictions = len(keys) - len(set(keys))
-    dead_texts = await read_all(bootstrap, names.texts_dlq, idle_s=1.5)
+    # Exactly once writes the texts' dead letters in the same transactions as the predictions.
+    dead_texts = await read_all(
+        bootstrap, names.texts_dlq, read_committed=read_committed, idle_s=1.5
+    )
     dead_predictions = await read_all(bootstrap, names.predictions_dlq, idle_s=1.5)
     figures.dead_letters = len(dead_texts) + len(dead_predictions)
     record(figures)
@@ -294,5 +297,7 @@ async def account(
         if key == b"poison-tombstone":
             assert value is None, "a tombstone must stay a tombstone in the dead letters"
     assert set(by_key) == set(poison), (sorted(by_key), sorted(poison))
+    if read_committed:
+        assert all(len(codes) == 1 for codes in by_key.values()), by_key
     for key, code in poison.items():
         assert code in by_key[key], (key, by_key[key])
