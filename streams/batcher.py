@@ -2,13 +2,20 @@
 
 Each text is tokenized once, on a tokenizer thread (never on the event loop), and the engine
 gets those tokens with the batch. A batch is formed when `max_batch_size` texts are queued,
-when the queue's padded token cost (longest text x count) reaches `max_batch_tokens`, or when
-the oldest text has waited `max_wait_ms`. With `length_aware` (the default) the batch is the
-oldest queued text plus the queued texts closest to it in length, so a batch of similar
-lengths wastes little on padding; the oldest text is always in the next batch, so no text
-starves (it waits at most for the texts queued before it). Without it, batches are
-first-in-first-out. Either way a batch never costs more than `max_batch_tokens` padded
-tokens (a single text always fits).
+when the queue's padded token cost (longest text x count) reaches `max_batch_tokens`, or as
+soon as the engine is idle and no text already received is still being tokenized: the engine
+never idles waiting for texts that have not arrived. Texts that arrive while it runs a batch
+queue up and form the next one, so batches grow with the load by themselves (continuous
+batching, as in text-embeddings-inference). `max_wait_ms` bounds how long the oldest text
+waits for a tokenizer round in progress; with `hold_when_idle` it also waits that long for
+company on an idle engine (the older policy: it cost the 50 %-load latency test a full
+`max_wait_ms` per event on the CPU, see README).
+
+With `length_aware` (the default) the batch is the oldest queued text plus the queued texts
+closest to it in length, so a batch of similar lengths wastes little on padding; the oldest
+text is always in the next batch, so no text starves (it waits at most for the texts queued
+before it). Without it, batches are first-in-first-out. Either way a batch never costs more
+than `max_batch_tokens` padded tokens (a single text always fits).
 
 The blocking engine runs on one dedicated thread; the event loop only awaits results. Engine
 swaps (`swap_engine`) run on that same thread, so a new version takes over strictly between
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +46,7 @@ class BatchPolicy:
     max_batch_tokens: int = 4096
     max_wait_ms: int = 25
     length_aware: bool = True
+    hold_when_idle: bool = False  # wait max_wait_ms for company even when the engine is idle
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +141,8 @@ class Batcher:
         """The router lowers its limits to what the backend supports."""
         if engine is None:
             return policy
-        return BatchPolicy(
-            min(policy.max_batch_size, engine.max_batch_size),
-            policy.max_batch_tokens,
-            policy.max_wait_ms,
-            policy.length_aware,
+        return dataclasses.replace(
+            policy, max_batch_size=min(policy.max_batch_size, engine.max_batch_size)
         )
 
     @property
@@ -272,6 +278,7 @@ class Batcher:
         return [pending[i] for i in sorted(chosen)]
 
     def _ready(self) -> bool:
+        """Called only while the engine is idle (the batching loop awaits each batch)."""
         if not self._pending:
             return False
         if self._stopping or len(self._pending) >= self.policy.max_batch_size:
@@ -279,6 +286,8 @@ class Batcher:
         tokens = max(item.length for item in self._pending) * len(self._pending)
         if tokens >= self.policy.max_batch_tokens:
             return True
+        if not self.policy.hold_when_idle and not self._still_tokenizing():
+            return True  # nothing else has arrived: waiting would only idle the engine
         waited_ms = (time.perf_counter() - self._pending[0].enqueued) * 1000
         return waited_ms >= self.policy.max_wait_ms
 

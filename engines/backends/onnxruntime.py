@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,8 +18,14 @@ from engines.backends.base import Float32Array, Int64Array, check_batch_shape
 from engines.errors import BackendUnavailable, EngineLoadError
 
 ENV_PROVIDERS = "INFLOW_ORT_PROVIDERS"  # e.g. "CUDAExecutionProvider,CPUExecutionProvider"
-ENV_THREADS = "INFLOW_ORT_THREADS"
-ENV_SPINNING = "INFLOW_ORT_SPINNING"  # "0": idle intra-op threads sleep instead of spinning
+ENV_THREADS = "INFLOW_ORT_THREADS"  # intra-op threads (default: the cores this process may use)
+ENV_SPINNING = "INFLOW_ORT_SPINNING"  # "1": idle intra-op threads spin (default "0": they sleep)
+ENV_OPTIMIZATION = "INFLOW_ORT_OPTIMIZATION"  # graph optimisation: all (default), extended, basic
+ENV_EXECUTION = "INFLOW_ORT_EXECUTION"  # sequential (default) or parallel
+ENV_INTER_THREADS = "INFLOW_ORT_INTER_THREADS"  # threads between nodes in parallel mode (1)
+
+OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
+EXECUTION_MODES = ("sequential", "parallel")
 
 
 def default_threads() -> int:
@@ -30,6 +38,72 @@ def default_threads() -> int:
     except AttributeError:  # pragma: no cover - not on Linux
         n = os.cpu_count() or 1
     return max(1, min(n, 16))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    """ONNX Runtime session options, measured with `inflow engine bench` (README).
+
+    Spinning is off by default: on a 2-vCPU machine shared with Kafka, the search server and
+    the worker's own event loop, spinning intra-op threads took the CPU those need. With it, a
+    worker drained a backlog at 150-163 events/s and 5.7-6.1 ms of CPU per event; without it,
+    at 267-269 events/s and 3.4 ms (same machine, interleaved runs). Engine alone on idle
+    cores, spinning is faster at batch 1; `INFLOW_ORT_SPINNING=1` turns it back on."""
+
+    intra_op_threads: int
+    inter_op_threads: int = 1
+    spinning: bool = False
+    optimization: str = "all"
+    execution: str = "sequential"
+
+    def __post_init__(self) -> None:
+        if self.intra_op_threads < 1 or self.inter_op_threads < 1:
+            raise ValueError(f"thread counts must be positive: {self}")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(
+                f"graph optimisation {self.optimization!r}: one of {', '.join(OPTIMIZATION_LEVELS)}"
+            )
+        if self.execution not in EXECUTION_MODES:
+            raise ValueError(f"execution {self.execution!r}: one of {', '.join(EXECUTION_MODES)}")
+
+    @classmethod
+    def from_env(cls, intra_op_threads: int | None = None) -> SessionSettings:
+        """Defaults, overridden by the INFLOW_ORT_* variables (and an explicit thread count)."""
+        env = os.environ
+        inter = env.get(ENV_INTER_THREADS, "1")
+        return cls(
+            intra_op_threads=intra_op_threads or default_threads(),
+            inter_op_threads=int(inter) if inter.isdigit() else 1,
+            spinning=env.get(ENV_SPINNING, "0") == "1",
+            optimization=env.get(ENV_OPTIMIZATION, "all").strip().lower() or "all",
+            execution=env.get(ENV_EXECUTION, "sequential").strip().lower() or "sequential",
+        )
+
+    def options(self) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[self.optimization]
+        opts.intra_op_num_threads = self.intra_op_threads
+        opts.inter_op_num_threads = self.inter_op_threads
+        opts.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL
+            if self.execution == "parallel"
+            else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        opts.log_severity_level = 3
+        opts.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.spinning else "0"
+        )
+        opts.add_session_config_entry(
+            "session.inter_op.allow_spinning", "1" if self.spinning else "0"
+        )
+        return opts
 
 
 def choose_providers(available: Sequence[str], requested: Sequence[str] | None = None) -> list[str]:
@@ -69,7 +143,9 @@ class OnnxRuntimeBackend:
         max_seq_len: int,
         intra_op_threads: int | None = None,
         providers: Sequence[str] | None = None,
+        settings: SessionSettings | None = None,
     ) -> None:
+        """`settings`: the session options; by default `SessionSettings.from_env`."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a declared dependency
@@ -79,14 +155,8 @@ class OnnxRuntimeBackend:
         self.precision = precision
         self._max_batch = max_batch_size
         self._max_seq = max_seq_len
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = intra_op_threads or default_threads()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        if os.environ.get(ENV_SPINNING, "1") == "0":  # kinder to co-located services
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.settings = settings or SessionSettings.from_env(intra_op_threads)
+        opts = self.settings.options()
         self.providers = choose_providers(ort.get_available_providers(), providers)
         try:
             self._session = ort.InferenceSession(
@@ -106,7 +176,7 @@ class OnnxRuntimeBackend:
                 f"{model_path} is not a serving graph (outputs {outputs}): rebuild the engine"
             )
         self._outputs = ["probs", "embedding"] if "probs" in outputs else ["embedding"]
-        self.intra_op_threads = opts.intra_op_num_threads
+        self.intra_op_threads = self.settings.intra_op_threads
 
     @property
     def max_batch_size(self) -> int:

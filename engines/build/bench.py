@@ -3,13 +3,24 @@
 For each batch size, every engine predicts the same sequence of batches (engines are
 interleaved per batch size so machine noise hits all of them alike). Latency is one
 `predict` call end to end (tokenize + pad + run + label mapping).
+
+A spec may carry ONNX Runtime session settings after an `@`, so that variants of one engine
+are measured side by side in one run, e.g. `onnxruntime:int8@threads=1` or
+`v1-onnxruntime-int8-...@spinning=1,optimization=basic`: each `key=value` is the
+INFLOW_ORT_<KEY> variable the backend reads (threads, spinning, optimization, execution,
+inter_threads), set while that engine is opened. `busy=N` runs N busy-looping processes
+beside that variant while it is measured: a stand-in for the broker, the search server and
+the worker's event loop that share the cores in production.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +35,7 @@ DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
 DEFAULT_SPECS = ("torch:fp32", "onnxruntime:fp32", "onnxruntime:int8")
 MIN_BATCHES = 8
 ROUNDS = 3
+SESSION_KEYS = ("threads", "spinning", "optimization", "execution", "inter_threads")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +87,85 @@ def measure(engine: Engine, batches: Sequence[list[str]], name: str) -> BenchRow
 
 
 def measure_rounds(
-    engines: dict[str, Engine], batches: Sequence[list[str]], rounds: int = ROUNDS
+    engines: dict[str, Engine],
+    batches: Sequence[list[str]],
+    rounds: int = ROUNDS,
+    busy: Mapping[str, int] | None = None,
 ) -> list[BenchRow]:
     """Each engine runs the whole batch list in turn, `rounds` times (A B C A B C ...); the
     round with the median throughput is kept, so a burst of noise on this shared machine
     does not decide the comparison. (Not per batch: onnxruntime's spinning threads would
-    steal the CPU from whichever engine runs right after it.)"""
+    steal the CPU from whichever engine runs right after it.) `busy[name]` busy-looping
+    processes run beside that engine while it is measured."""
     runs: dict[str, list[BenchRow]] = {name: [] for name in engines}
     for _ in range(rounds):
         for name, engine in engines.items():
-            runs[name].append(measure(engine, batches, name))
+            with busy_load((busy or {}).get(name, 0)):
+                runs[name].append(measure(engine, batches, name))
     return [sorted(r, key=lambda row: row.texts_per_s)[len(r) // 2] for r in runs.values()]
+
+
+def _spin(stop: Any) -> None:
+    while not stop.is_set():
+        for _ in range(10_000):
+            pass
+
+
+@contextlib.contextmanager
+def busy_load(processes: int) -> Iterator[None]:
+    """`processes` CPU-bound processes for the duration of the block."""
+    if processes <= 0:
+        yield
+        return
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(processes)]
+    for proc in procs:
+        proc.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, str], int]:
+    """'base@key=value,...' -> (base, {INFLOW_ORT_KEY: value}, busy processes)."""
+    base, _, options = spec.partition("@")
+    env: dict[str, str] = {}
+    busy = 0
+    for option in filter(None, (o.strip() for o in options.split(","))):
+        key, sep, value = option.partition("=")
+        key = key.strip().lower()
+        if not sep or not value.strip():
+            raise BuildError(f"{spec!r}: option {option!r} is not key=value")
+        if key == "busy":
+            if not value.strip().isdigit():
+                raise BuildError(f"{spec!r}: busy takes a process count, not {value!r}")
+            busy = int(value)
+        elif key in SESSION_KEYS:
+            env[f"INFLOW_ORT_{key.upper()}"] = value.strip()
+        else:
+            raise BuildError(f"{spec!r}: unknown option {key!r} (busy, {', '.join(SESSION_KEYS)})")
+    return base, env, busy
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """`values` set in os.environ for the block, restored after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
 def bench_engines(
@@ -93,6 +173,7 @@ def bench_engines(
     texts: Sequence[str],
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     progress: bool = True,
+    busy: Mapping[str, int] | None = None,
 ) -> list[BenchRow]:
     if not texts:
         raise ValueError("bench needs texts")
@@ -100,7 +181,7 @@ def bench_engines(
     for bs in tqdm(batch_sizes, desc="bench", unit="batch size", disable=not progress):
         able = {name: e for name, e in engines.items() if bs <= e.max_batch_size}
         if able:
-            rows.extend(measure_rounds(able, batches_for(texts, bs)))
+            rows.extend(measure_rounds(able, batches_for(texts, bs), busy=busy))
     return rows
 
 
@@ -195,19 +276,22 @@ def run_bench(
     max_batch = max(batch_sizes)
     info = None
     engines: dict[str, Engine] = {}
+    busy: dict[str, int] = {}
     try:
         for spec in specs:
-            if ":" in spec:
-                if info is None:
-                    info = resolve_model(model, progress=progress, echo=say)
-                engines[spec] = open_spec(spec, info, max_batch, max_seq, threads)
-            else:
-                if registry_root is None:
-                    raise BuildError(f"{spec!r} looks like a registry version: pass --registry")
-                engines[spec] = load_engine(registry_root, spec, threads=threads)
+            base, env, busy[spec] = split_spec(spec)
+            with environment(env):
+                if ":" in base:
+                    if info is None:
+                        info = resolve_model(model, progress=progress, echo=say)
+                    engines[spec] = open_spec(base, info, max_batch, max_seq, threads)
+                else:
+                    if registry_root is None:
+                        raise BuildError(f"{base!r} looks like a registry version: pass --registry")
+                    engines[spec] = load_engine(registry_root, base, threads=threads)
         texts = sample_texts(n, seed=7)
         say(f"bench: {len(engines)} engines, batch sizes {list(batch_sizes)}, {n} real texts")
-        rows = bench_engines(engines, texts, batch_sizes, progress)
+        rows = bench_engines(engines, texts, batch_sizes, progress, busy)
     finally:
         for engine in engines.values():
             engine.close()

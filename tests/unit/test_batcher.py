@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
+from engines.types import BatchResult, TokenizedText
 from streams.batcher import Batcher, BatchPolicy, InferenceFailed, ItemResult
 from streams.metrics import Metrics
 from tests.fakes import FakeEngine
@@ -34,10 +37,55 @@ async def test_token_budget_splits_batches_by_padded_cost() -> None:
     assert [len(batch) for batch in engine.batches] == [3, 3, 3]
 
 
-async def test_a_lone_text_waits_at_most_max_wait() -> None:
+async def test_a_lone_text_on_an_idle_engine_goes_at_once() -> None:
+    """The engine never idles waiting for texts that have not arrived (a minute's max wait
+    would otherwise hold this text far past the timeout)."""
+    engine = FakeEngine()
+    batcher = Batcher(engine, BatchPolicy(64, 10_000, max_wait_ms=60_000))
+    await batcher.start()
+    result = await asyncio.wait_for(batcher.submit("alone"), timeout=30)
+    await batcher.stop()
+    assert result.batch_size == 1
+
+
+class _GatedEngine(FakeEngine):
+    """A FakeEngine whose first batch blocks until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = threading.Event()
+        self.release = threading.Event()
+
+    def predict(
+        self, texts: list[str], tokens: Sequence[TokenizedText] | None = None
+    ) -> BatchResult:
+        if not self.batches:
+            self.running.set()
+            self.release.wait(30)
+        return super().predict(texts, tokens)
+
+
+async def test_texts_arriving_while_the_engine_runs_form_the_next_batch() -> None:
+    engine = _GatedEngine()
+    batcher = Batcher(engine, BatchPolicy(64, 10_000, max_wait_ms=60_000))
+    await batcher.start()
+    first = asyncio.create_task(batcher.submit("first"))
+    await asyncio.get_running_loop().run_in_executor(None, engine.running.wait, 30)
+    rest = [asyncio.create_task(batcher.submit(f"t{i}")) for i in range(5)]
+    await asyncio.sleep(0)  # all five submitted, in one tokenizer round
+    engine.release.set()
+    await asyncio.wait_for(asyncio.gather(first, *rest), timeout=30)
+    await batcher.stop()
+    assert [len(batch) for batch in engine.batches] == [1, 5]
+
+
+async def test_hold_when_idle_makes_a_lone_text_wait_at_most_max_wait() -> None:
     engine = FakeEngine()
     batcher = Batcher(
-        engine, BatchPolicy(max_batch_size=64, max_batch_tokens=10_000, max_wait_ms=30)
+        engine,
+        BatchPolicy(
+            max_batch_size=64, max_batch_tokens=10_000, max_wait_ms=30, hold_when_idle=True
+        ),
     )
     await batcher.start()
     result = await asyncio.wait_for(batcher.submit("alone"), timeout=2)
@@ -206,7 +254,7 @@ async def test_each_text_is_tokenized_once_and_the_engine_gets_the_tokens() -> N
 
 async def test_texts_tokenized_by_a_swapped_out_engine_are_tokenized_again() -> None:
     old, new = FakeEngine("v1"), FakeEngine("v2")
-    batcher = Batcher(old, BatchPolicy(64, 10_000, 10_000))
+    batcher = Batcher(old, BatchPolicy(64, 10_000, 10_000, hold_when_idle=True))
     await batcher.start()
     pending = [asyncio.create_task(batcher.submit(f"t{i}")) for i in range(3)]
     await asyncio.sleep(0.05)  # tokenized by v1, waiting for a fuller batch

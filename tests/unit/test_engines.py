@@ -218,6 +218,72 @@ def test_onnxruntime_matches_torch(ort_engine: Any, torch_engine: Any) -> None:
     np.testing.assert_allclose(e_ort, e_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"INFLOW_ORT_SPINNING": "1"},
+        {"INFLOW_ORT_THREADS": "1", "INFLOW_ORT_OPTIMIZATION": "basic"},
+        {"INFLOW_ORT_EXECUTION": "parallel", "INFLOW_ORT_INTER_THREADS": "2"},
+    ],
+)
+def test_session_settings_keep_the_outputs(
+    env: dict[str, str],
+    tiny_model: ModelInfo,
+    tiny_onnx: Path,
+    tmp_path: Path,
+    torch_engine: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every session setting the engine bench measures gives the reference's outputs."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    folder = _ort_folder(tiny_model, tiny_onnx, tmp_path / "ort")
+    engine = open_engine(folder, _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx"))
+    try:
+        p_ort, e_ort, _ = engine.run_raw(TEXTS)
+    finally:
+        engine.close()
+    p_ref, e_ref, _ = torch_engine.run_raw(TEXTS)
+    np.testing.assert_allclose(p_ort, p_ref, atol=1e-5)
+    np.testing.assert_allclose(e_ort, e_ref, atol=1e-5)
+
+
+def test_session_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines.backends.onnxruntime import SessionSettings
+
+    for key in ("SPINNING", "OPTIMIZATION", "EXECUTION", "INTER_THREADS"):
+        monkeypatch.delenv(f"INFLOW_ORT_{key}", raising=False)
+    default = SessionSettings.from_env(2)
+    assert (default.spinning, default.optimization, default.execution) == (
+        False,
+        "all",
+        "sequential",
+    )
+    monkeypatch.setenv("INFLOW_ORT_SPINNING", "1")
+    monkeypatch.setenv("INFLOW_ORT_OPTIMIZATION", "Extended")
+    assert SessionSettings.from_env(2).spinning is True
+    assert SessionSettings.from_env(2).optimization == "extended"
+    monkeypatch.setenv("INFLOW_ORT_OPTIMIZATION", "fastest")
+    with pytest.raises(ValueError, match="graph optimisation 'fastest'"):
+        SessionSettings.from_env(2)
+
+
+def test_bench_spec_options() -> None:
+    from engines.build.bench import split_spec
+    from engines.errors import BuildError
+
+    assert split_spec("onnxruntime:int8") == ("onnxruntime:int8", {}, 0)
+    assert split_spec("v1-x@threads=1, spinning=1,busy=2") == (
+        "v1-x",
+        {"INFLOW_ORT_THREADS": "1", "INFLOW_ORT_SPINNING": "1"},
+        2,
+    )
+    with pytest.raises(BuildError, match="unknown option 'turbo'"):
+        split_spec("v1-x@turbo=1")
+    with pytest.raises(BuildError, match="not key=value"):
+        split_spec("v1-x@threads")
+
+
 @pytest.mark.parametrize("which", ["ort_engine", "torch_engine"])
 def test_batched_equals_one_at_a_time(which: str, request: pytest.FixtureRequest) -> None:
     engine = request.getfixturevalue(which)
