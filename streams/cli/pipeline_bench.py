@@ -252,6 +252,7 @@ class Drain:
     kafka_cores: float
     search_cores: float
     seconds: float
+    load_average: float = 0.0  # this machine's 1-minute load average when the phase ended
 
 
 @dataclass(slots=True)
@@ -264,6 +265,7 @@ class Latency:
     p99_ms: float
     median_batch_ms: float
     bound_ms: float  # max wait + 3 x median batch time
+    load_average: float = 0.0  # this machine's 1-minute load average when the phase ended
 
 
 def event_bytes(i: int, text: str, run: str) -> tuple[bytes, bytes]:
@@ -364,6 +366,7 @@ def drain_figures(name: str, stamps: dict[bytes, int], sampler: CpuSampler, proc
         sampler.used("kafka", start, end) / seconds,
         sampler.used("search", start, end) / seconds,
         seconds,
+        os.getloadavg()[0],
     )
 
 
@@ -668,6 +671,7 @@ def run_worker_phases(
                     percentile(lat, 0.99),
                     median_batch,
                     s.max_wait_ms + 3 * median_batch,
+                    os.getloadavg()[0],
                 )
             )
     finally:
@@ -799,7 +803,7 @@ def format_report(r: Report) -> str:
         lines.append(
             f"{d.name:<15} {d.events_per_s:8.1f} events/s "
             f"{d.cpu_s_per_event * 1000:6.2f} ms CPU/event  kafka {d.kafka_cores:.2f} cores, "
-            f"search {d.search_cores:.2f} cores ({d.events} events)"
+            f"search {d.search_cores:.2f} cores ({d.events} events, load {d.load_average:.1f})"
         )
     if r.padding:
         lines.append(
@@ -808,12 +812,14 @@ def format_report(r: Report) -> str:
         )
     if r.latency:
         lines.append(
-            f"{'load':>5} {'events/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'bound ms':>9}"
+            f"{'load':>5} {'events/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+            f"{'bound ms':>9} {'machine load':>13}"
         )
         for lat in r.latency:
             lines.append(
                 f"{lat.fraction:>5.0%} {lat.offered_per_s:>9.1f} {lat.p50_ms:>8.0f} "
-                f"{lat.p95_ms:>8.0f} {lat.p99_ms:>8.0f} {lat.bound_ms:>9.0f}"
+                f"{lat.p95_ms:>8.0f} {lat.p99_ms:>8.0f} {lat.bound_ms:>9.0f} "
+                f"{lat.load_average:>13.1f}"
             )
     lines.append("ratios:")
     lines += [f"  {name}: {value:.2f}" for name, value in r.ratios.items()]

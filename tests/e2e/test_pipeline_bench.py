@@ -54,6 +54,7 @@ def test_bench_pipeline_runs_on_a_tiny_configuration(
     assert latency["fraction"] == 0.5
     assert latency["events"] >= 20
     assert latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
+    assert latency["load_average"] >= 0 and report["drain"]["load_average"] >= 0
     assert [b["name"] for b in report["baselines"]] == ["torch fp32 per-event", "torch fp32 take"]
     assert all(b["events"] == 12 for b in report["baselines"])
     for key in (
