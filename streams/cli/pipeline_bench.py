@@ -9,7 +9,8 @@ Phases (a progress bar on stderr for each):
      stubbed out, the real tokenizer), padded tokens per real token;
   3. drain: a backlog of N events on fresh topics, one `inflow worker` process drains it:
      events/s (from the predictions' record timestamps), worker CPU seconds per event, and the
-     CPU of Kafka and the search server over the same window (from /proc);
+     CPU of Kafka and the search server over the same window (from /proc); then the bench
+     waits until the worker has indexed them all;
   4. latency: events offered at fixed fractions of the measured drain rate; produce ->
      prediction latency (the prediction record's timestamp minus the send time) p50/p95/p99;
   5. baselines (`streams.cli.baselines`): a per-event torch fp32 agent and a `take()`
@@ -648,6 +649,9 @@ def run_worker_phases(
         metrics = scrape(s.web_port)
         real = metrics.get("inflow_batch_real_tokens_total", 0.0)
         padded = metrics.get("inflow_batch_padded_tokens_total", 0.0)
+        # The worker's index agent is still writing the drained predictions: let it finish,
+        # so the first rate measures that rate, not the end of the drain.
+        wait_indexed(s, len(texts), timeout_s=300)
         latencies = []
         for fraction in rates:
             rate = fraction * drain.events_per_s
@@ -678,6 +682,21 @@ def run_worker_phases(
         stop_process(proc)
         sampler.stop()
     return drain, latencies, _ratio(padded, real)
+
+
+def wait_indexed(settings: Settings, expected: int, timeout_s: float) -> None:
+    """Until the search server counts `expected` documents behind the bench's alias (or the
+    timeout passes, or the count cannot be read: then the bench goes on)."""
+    url = f"{settings.es_url.rstrip('/')}/{settings.es_alias}/_count"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if int(json.loads(response.read())["count"]) >= expected:
+                    return
+        except (OSError, ValueError, KeyError):
+            return
+        time.sleep(0.5)
 
 
 async def collect_keys(
