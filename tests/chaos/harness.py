@@ -297,7 +297,8 @@ async def account(
         if key == b"poison-tombstone":
             assert value is None, "a tombstone must stay a tombstone in the dead letters"
     assert set(by_key) == set(poison), (sorted(by_key), sorted(poison))
-    if read_committed:
+    if read_committed:  # exactly once: each prediction and each dead letter once
+        assert figures.duplicate_predictions == 0, "read_committed must see each prediction once"
         assert all(len(codes) == 1 for codes in by_key.values()), by_key
     for key, code in poison.items():
         assert code in by_key[key], (key, by_key[key])
