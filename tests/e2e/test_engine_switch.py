@@ -21,16 +21,47 @@ from tests.e2e.test_pipeline import _indexed_ids, _produce
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 
-def _inflow(registry: Path, *args: str) -> str:
+def _inflow(registry: Path, *args: str, env: dict[str, str] | None = None) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "streams.cli.main", "--registry", str(registry), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=1200,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def fp32_candidate(
+    engine_dir: Path, tmp_path: Path, *build_args: str
+) -> tuple[Path, Registry, str, str]:
+    """A copy of the shared registry (activations must not touch it) with a second, inactive
+    version: the active model at fp32. The same model at another precision: one embedding
+    space, so one index behind the alias (another model would get its own index, searched only
+    after `inflow reindex`). Returns (registry dir, registry, active version, the fp32 one)."""
+    registry_dir = tmp_path / "engines"
+    shutil.copytree(engine_dir, registry_dir)
+    registry = Registry(registry_dir)
+    first = registry.active_version()
+    assert first is not None
+    active = registry.get(first)
+    model = ROOT / models_dir() / f"{active.model_name}-{active.model_hash[:12]}"
+    _inflow(
+        registry_dir,
+        "engine",
+        "build",
+        "--model",
+        str(model),
+        "--precision",
+        "fp32",
+        "--no-activate",
+        *build_args,
+        "--quiet",
+    )
+    second = next(m.version for m in registry.list() if m.version != first and m.accepted)
+    return registry_dir, registry, first, second
 
 
 async def _serving(worker: Worker, version: str, timeout_s: float = 120) -> None:
@@ -52,27 +83,7 @@ async def test_activate_and_roll_back_while_the_worker_runs(
     engine_dir: Path,
     tmp_path: Path,
 ) -> None:
-    registry_dir = tmp_path / "engines"
-    shutil.copytree(engine_dir, registry_dir)  # activation must not touch the shared registry
-    registry = Registry(registry_dir)
-    first = registry.active_version()
-    assert first is not None
-    # The same model at another precision: one embedding space, so one index behind the alias
-    # (another model would get its own index, searched only after `inflow reindex`).
-    active = registry.get(first)
-    model = ROOT / models_dir() / f"{active.model_name}-{active.model_hash[:12]}"
-    _inflow(
-        registry_dir,
-        "engine",
-        "build",
-        "--model",
-        str(model),
-        "--precision",
-        "fp32",
-        "--no-activate",
-        "--quiet",
-    )
-    second = next(m.version for m in registry.list() if m.version != first and m.accepted)
+    registry_dir, _registry, first, second = fp32_candidate(engine_dir, tmp_path)
 
     worker = workers.start(INFLOW_ENGINE_DIR=str(registry_dir))
     await _serving(worker, first)

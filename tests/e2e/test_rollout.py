@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,30 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from engines.assets import models_dir
 from engines.build.data import sample_texts
-from engines.registry import Registry
 from schemas import Prediction, decode_prediction, encode_event
 from streams.rollout import routed
-from tests.e2e.conftest import ROOT, Names, Worker, WorkerFactory, read_topic
+from tests.e2e.conftest import Names, Worker, WorkerFactory, read_topic
+from tests.e2e.test_engine_switch import _inflow, fp32_candidate
 from tests.e2e.test_pipeline import _indexed_ids, _produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 KEYS = [f"user-{i}" for i in range(200)]  # each phase sends one event per key (fewer in some)
-
-
-def _inflow(registry: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli.main", "--registry", str(registry), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 async def _until(what: str, check: Callable[[], bool], timeout_s: float = 120) -> None:
@@ -85,27 +68,9 @@ async def test_shadow_canary_promote_and_roll_back_with_two_workers(
     engine_dir: Path,
     tmp_path: Path,
 ) -> None:
-    registry_dir = tmp_path / "engines"
-    shutil.copytree(engine_dir, registry_dir)  # rollouts must not touch the shared registry
-    registry = Registry(registry_dir)
-    first = registry.active_version()
-    assert first is not None
-    active = registry.get(first)
-    model = ROOT / models_dir() / f"{active.model_name}-{active.model_hash[:12]}"
-    _inflow(
-        registry_dir,
-        "engine",
-        "build",
-        "--model",
-        str(model),
-        "--precision",
-        "fp32",
-        "--no-activate",
-        "--parity-texts",
-        "200",
-        "--quiet",
+    registry_dir, registry, first, second = fp32_candidate(
+        engine_dir, tmp_path, "--parity-texts", "200"
     )
-    second = next(m.version for m in registry.list() if m.version != first and m.accepted)
 
     one = workers.start(INFLOW_ENGINE_DIR=str(registry_dir))
     two = workers.start(INFLOW_ENGINE_DIR=str(registry_dir))
