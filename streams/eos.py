@@ -202,13 +202,13 @@ class TransactionalInfer:
                 first,
                 last,
             )
-            await self._rewind(consumer, tp)
+            await rewind_to_committed(consumer, tp)
         except Exception as exc:  # not one of Kafka's: ours (a bug), never skip the batch
             log.exception("%s[%d] %d-%d failed: rewinding", tp.topic, tp.partition, first, last)
             self.aborted_batches += 1
             await asyncio.sleep(1.0)
             try:
-                await self._rewind(consumer, tp)
+                await rewind_to_committed(consumer, tp)
             except KafkaError as rewind_exc:
                 raise exc from rewind_exc  # the position is unknown: end the loop, loudly
             return
@@ -289,15 +289,19 @@ class TransactionalInfer:
             await asyncio.gather(*sent)
             await producer.send_offsets_to_transaction({tp: next_offset}, eos_group(self._settings))
 
-    async def _rewind(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
-        """Fetch `tp` again from the group's committed offset (no batch is ever skipped)."""
-        if tp not in consumer.assignment():
-            return  # revoked: the new assignment starts from the committed offset anyway
-        committed = await consumer.committed(tp)
-        if committed is None:
-            await consumer.seek_to_beginning(tp)
-        else:
-            consumer.seek(tp, committed)
+
+async def rewind_to_committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    """Fetch `tp` again from the group's committed offset (no batch is ever skipped)."""
+    if tp not in consumer.assignment():
+        return  # revoked: the new assignment starts from the committed offset anyway
+    committed = await consumer.committed(tp)
+    if committed is None:
+        committed = (await consumer.beginning_offsets([tp]))[tp]
+    # Checked again after the awaits, with no await before the seek: a rebalance while we
+    # asked revoked `tp` (seek would raise, and end the loop) and its new assignment, ours
+    # or another worker's, starts from the committed offset already.
+    if tp in consumer.assignment():
+        consumer.seek(tp, committed)
 
 
 async def _stop_quietly(producer: AIOKafkaProducer) -> None:
