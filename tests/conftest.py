@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,3 +144,25 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"Search tests served by: {served.search}")
         _report("INFLOW_BROKER_REPORT", served.genuine_kafka, served.broker)
         _report("INFLOW_SEARCH_REPORT", served.genuine_search, served.search)
+
+
+# A worker's log lines that say nothing about a failure (one per bulk request or lookup).
+_LOG_NOISE = (" DEBUG ", "elastic_transport.transport", "Discovered coordinator")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that started workers (tests/e2e, tests/chaos: `worker-N.log` in its
+    tmp_path) shows the end of each worker's log: a CI failure then says what they did."""
+    report: pytest.TestReport = yield
+    tmp = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and call.when == "call" and isinstance(tmp, Path):
+        for log in sorted(tmp.glob("worker-*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            kept = [line[:300] for line in lines if not any(n in line for n in _LOG_NOISE)]
+            report.sections.append(
+                (f"{log.name} (last 80 of {len(kept)} lines)", "\n".join(kept[-80:]))
+            )
+    return report
