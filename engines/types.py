@@ -57,10 +57,16 @@ class BatchResult:
 
 @runtime_checkable
 class Engine(Protocol):
-    """A loaded, warmed-up model. `predict` blocks: call it from one dedicated thread."""
+    """A loaded, warmed-up model. `predict` blocks: call it from dedicated threads, at most
+    `concurrent_batches` at once."""
 
     @property
     def identity(self) -> ModelIdentity: ...
+
+    @property
+    def concurrent_batches(self) -> int:
+        """How many batches `predict` may run at once (onnxruntime: one per core by default)."""
+        ...
 
     @property
     def max_batch_size(self) -> int: ...

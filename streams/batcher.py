@@ -17,10 +17,13 @@ text is always in the next batch, so no text starves (it waits at most for the t
 before it). Without it, batches are first-in-first-out. Either way a batch never costs more
 than `max_batch_tokens` padded tokens (a single text always fits).
 
-The blocking engine runs on one dedicated thread; the event loop only awaits results. Engine
-swaps (`swap_engine`) run on that same thread, so a new version takes over strictly between
-two batches: no batch is split across versions (texts tokenized by the old engine are
-tokenized again by the new one).
+The blocking engine runs on dedicated threads, as many as batches it may run at once
+(`Engine.concurrent_batches`: onnxruntime runs one batch per core, each on one thread, by
+default; TensorRT one); "idle" above means a free one. The event loop only awaits results.
+An engine swap (`swap_engine`) lets the batches in progress finish, starts no new one, and
+loads the new version on an engine thread, so a new version takes over strictly between
+batches: no batch is split across versions (texts tokenized by the old engine are tokenized
+again by the new one).
 """
 
 from __future__ import annotations
@@ -108,6 +111,10 @@ class NoEngine(RuntimeError):
     """Asked to run before the first engine was loaded (the worker waits for one)."""
 
 
+def _engine_threads(slots: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=slots, thread_name_prefix="inflow-engine")
+
+
 class Batcher:
     """Explicit lifecycle: `start()` spawns the batching task, `stop()` drains then stops."""
 
@@ -127,7 +134,11 @@ class Batcher:
         self._incoming: list[_Item] = []  # submitted, not yet tokenized
         self._pending: list[_Item] = []  # tokenized, waiting for a batch (oldest first)
         self._wakeup = asyncio.Event()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflow-engine")
+        self._slots = 1 if engine is None else max(1, engine.concurrent_batches)
+        self._thread = _engine_threads(self._slots)
+        self._running: set[asyncio.Task[None]] = set()  # batches on the engine threads
+        self._swap = asyncio.Lock()
+        self._swapping = False  # no new batch starts: a swap waits for the running ones
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflow-tokenize")
         self._task: asyncio.Task[None] | None = None
         self._tokenizing: asyncio.Task[None] | None = None
@@ -167,7 +178,7 @@ class Batcher:
             self._task = asyncio.create_task(self._run(), name="inflow-batcher")
 
     async def stop(self) -> None:
-        """Answer everything already queued, then stop the thread. Safe to call twice."""
+        """Answer everything already queued, then stop the threads. Safe to call twice."""
         self._stopping = True
         self._wakeup.set()
         if self._task is not None:
@@ -231,7 +242,7 @@ class Batcher:
         return [float(x) for x in result.embedding]
 
     async def swap_engine(self, load: Callable[[], Engine]) -> ModelIdentity:
-        """Load a new engine on the engine thread and switch to it between two batches."""
+        """Load a new engine on an engine thread and switch to it between batches."""
         loop = asyncio.get_running_loop()
 
         def load_and_swap() -> tuple[Engine | None, Engine]:
@@ -241,7 +252,19 @@ class Batcher:
                 self.policy = self._fit(self._requested, new)
             return old, new
 
-        old, new = await loop.run_in_executor(self._thread, load_and_swap)
+        async with self._swap:
+            self._swapping = True
+            try:
+                while self._running:
+                    await asyncio.wait(set(self._running))
+                old, new = await loop.run_in_executor(self._thread, load_and_swap)
+                slots = max(1, new.concurrent_batches)
+                if slots != self._slots:  # the old threads are idle: nothing runs
+                    self._thread.shutdown(wait=False)
+                    self._slots, self._thread = slots, _engine_threads(slots)
+            finally:
+                self._swapping = False
+                self._wakeup.set()
         if old is not None and old is not new:
             old.close()
         return new.identity
@@ -278,7 +301,7 @@ class Batcher:
         return [pending[i] for i in sorted(chosen)]
 
     def _ready(self) -> bool:
-        """Called only while the engine is idle (the batching loop awaits each batch)."""
+        """Called only while an engine thread is free (see `_run`)."""
         if not self._pending:
             return False
         if self._stopping or len(self._pending) >= self.policy.max_batch_size:
@@ -299,8 +322,14 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self._swapping or len(self._running) >= self._slots:
+                self._wakeup.clear()  # set again when a batch ends or the swap is done
+                await self._wakeup.wait()
+                continue
             if not self._pending:
                 if self._stopping and not self._still_tokenizing():
+                    while self._running:
+                        await asyncio.wait(set(self._running))
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -314,7 +343,13 @@ class Batcher:
                 continue
             batch = [item for item in self._take_batch() if not item.future.cancelled()]
             if batch:
-                await self._infer(loop, batch)
+                task = asyncio.create_task(self._infer(loop, batch), name="inflow-batch")
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wakeup.set()
 
     async def _infer(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         started = time.perf_counter()
@@ -344,7 +379,7 @@ class Batcher:
             item.future.set_exception(InferenceFailed(message))
 
     def _predict(self, batch: Sequence[_Item]) -> BatchResult:
-        """On the engine thread: the batch with its tokens when the serving engine made them."""
+        """On an engine thread: the batch with its tokens when the serving engine made them."""
         engine = self.engine
         texts = [item.text for item in batch]
         tokens = [

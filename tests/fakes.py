@@ -19,10 +19,15 @@ class FakeEngine:
     """Labels by keyword, embeds by hash; records each batch it saw and on which thread."""
 
     def __init__(
-        self, version: str = "v-test", max_batch_size: int = 64, fail_on: str = ""
+        self,
+        version: str = "v-test",
+        max_batch_size: int = 64,
+        fail_on: str = "",
+        concurrent_batches: int = 1,
     ) -> None:
         self._identity = ModelIdentity("fake", version, "fake", "fp32")
         self._max_batch = max_batch_size
+        self.concurrent_batches = concurrent_batches
         self.fail_on = fail_on
         self.batches: list[list[str]] = []
         self.tokenized: list[int] = []  # how many texts of each batch came pre-tokenized

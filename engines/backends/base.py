@@ -29,6 +29,7 @@ def check_batch_shape(input_ids: Int64Array, max_batch: int, max_seq: int) -> No
 class Backend(Protocol):
     name: str  # "onnxruntime" | "tensorrt" | "torch"
     precision: str  # "fp32" | "fp16" | "int8"
+    concurrent_runs: int  # how many `run` calls may execute at once, from as many threads
 
     @property
     def max_batch_size(self) -> int: ...

@@ -18,7 +18,8 @@ from engines.backends.base import Float32Array, Int64Array, check_batch_shape
 from engines.errors import BackendUnavailable, EngineLoadError
 
 ENV_PROVIDERS = "INFLOW_ORT_PROVIDERS"  # e.g. "CUDAExecutionProvider,CPUExecutionProvider"
-ENV_THREADS = "INFLOW_ORT_THREADS"  # intra-op threads (default: the cores this process may use)
+ENV_THREADS = "INFLOW_ORT_THREADS"  # intra-op threads per run (default: cores / concurrent runs)
+ENV_CONCURRENT_RUNS = "INFLOW_ORT_CONCURRENT_RUNS"  # batches run at once (default: one per core)
 ENV_SPINNING = "INFLOW_ORT_SPINNING"  # "1": idle intra-op threads spin (default "0": they sleep)
 ENV_OPTIMIZATION = "INFLOW_ORT_OPTIMIZATION"  # graph optimisation: all (default), extended, basic
 ENV_EXECUTION = "INFLOW_ORT_EXECUTION"  # sequential (default) or parallel
@@ -28,16 +29,18 @@ OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
 EXECUTION_MODES = ("sequential", "parallel")
 
 
-def default_threads() -> int:
+def available_cores() -> int:
     """Cores this process may use (affinity-aware), capped at 16."""
-    env = os.environ.get(ENV_THREADS)
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         n = os.cpu_count() or 1
     return max(1, min(n, 16))
+
+
+def _positive(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +51,25 @@ class SessionSettings:
     the worker's own event loop, spinning intra-op threads took the CPU those need. With it, a
     worker drained a backlog at 150-163 events/s and 5.7-6.1 ms of CPU per event; without it,
     at 267-269 events/s and 3.4 ms (same machine, interleaved runs). Engine alone on idle
-    cores, spinning is faster at batch 1; `INFLOW_ORT_SPINNING=1` turns it back on."""
+    cores, spinning is faster at batch 1; `INFLOW_ORT_SPINNING=1` turns it back on.
+
+    By default batches run side by side, one per core, each on one intra-op thread
+    (`concurrent_runs`, one session: onnxruntime's `run` is thread-safe). One batch spread over
+    both cores waits for the slower of its two threads at every operator, and on a machine
+    shared with Kafka and the search server one of them is often descheduled (README: the
+    produce -> prediction p99 at half of capacity). An explicit thread count
+    (`INFLOW_ORT_THREADS`, `--threads`) keeps one batch at a time unless
+    `INFLOW_ORT_CONCURRENT_RUNS` says otherwise."""
 
     intra_op_threads: int
+    concurrent_runs: int = 1
     inter_op_threads: int = 1
     spinning: bool = False
     optimization: str = "all"
     execution: str = "sequential"
 
     def __post_init__(self) -> None:
-        if self.intra_op_threads < 1 or self.inter_op_threads < 1:
+        if self.intra_op_threads < 1 or self.inter_op_threads < 1 or self.concurrent_runs < 1:
             raise ValueError(f"thread counts must be positive: {self}")
         if self.optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(
@@ -71,8 +83,12 @@ class SessionSettings:
         """Defaults, overridden by the INFLOW_ORT_* variables (and an explicit thread count)."""
         env = os.environ
         inter = env.get(ENV_INTER_THREADS, "1")
+        cores = available_cores()
+        threads = intra_op_threads or _positive(ENV_THREADS)
+        runs = _positive(ENV_CONCURRENT_RUNS) or (1 if threads else cores)
         return cls(
-            intra_op_threads=intra_op_threads or default_threads(),
+            intra_op_threads=threads or max(1, cores // runs),
+            concurrent_runs=runs,
             inter_op_threads=int(inter) if inter.isdigit() else 1,
             spinning=env.get(ENV_SPINNING, "0") == "1",
             optimization=env.get(ENV_OPTIMIZATION, "all").strip().lower() or "all",
@@ -177,6 +193,7 @@ class OnnxRuntimeBackend:
             )
         self._outputs = ["probs", "embedding"] if "probs" in outputs else ["embedding"]
         self.intra_op_threads = self.settings.intra_op_threads
+        self.concurrent_runs = self.settings.concurrent_runs
 
     @property
     def max_batch_size(self) -> int:

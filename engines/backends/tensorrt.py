@@ -129,6 +129,7 @@ class TensorRTBackend:
     """`Backend` over one TensorRT plan and one execution context; `run` holds a lock."""
 
     name = "tensorrt"
+    concurrent_runs = 1  # one execution context and one set of device buffers
 
     def __init__(self, engine: Any, precision: str, keepalive: tuple[object, ...]) -> None:
         import torch

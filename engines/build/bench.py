@@ -19,7 +19,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engines.errors import BuildError
+from engines.runtime import run_batches
 from engines.types import Engine
 
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64)
@@ -62,28 +62,24 @@ def batches_for(
     return out
 
 
-def _row(name: str, batch_size: int, texts: int, times: Sequence[float]) -> BenchRow:
-    total = float(sum(times))
+def _row(name: str, batch_size: int, texts: int, wall_s: float, times: Sequence[float]) -> BenchRow:
     ms = np.array(times) * 1000.0
     return BenchRow(
         engine=name,
         batch_size=batch_size,
         texts=texts,
-        texts_per_s=texts / total if total > 0 else 0.0,
+        texts_per_s=texts / wall_s if wall_s > 0 else 0.0,
         p50_ms=float(np.percentile(ms, 50)),
         p95_ms=float(np.percentile(ms, 95)),
     )
 
 
 def measure(engine: Engine, batches: Sequence[list[str]], name: str) -> BenchRow:
-    """One engine alone over `batches` (after one warm-up call)."""
+    """One engine alone over `batches` (after one warm-up call), as many batches at once as
+    the engine runs in the worker (`run_batches`)."""
     engine.predict(batches[0])  # warm this shape
-    times: list[float] = []
-    for batch in batches:
-        t0 = time.perf_counter()
-        engine.predict(batch)
-        times.append(time.perf_counter() - t0)
-    return _row(name, len(batches[0]), sum(len(b) for b in batches), times)
+    wall_s, times = run_batches(engine, batches)
+    return _row(name, len(batches[0]), sum(len(b) for b in batches), wall_s, times)
 
 
 def measure_rounds(

@@ -17,6 +17,7 @@ _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 class TorchBackend:
     name = "torch"
+    concurrent_runs = 1  # the reference: torch parallelises inside each run
 
     def __init__(
         self,

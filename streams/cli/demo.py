@@ -142,17 +142,16 @@ async def _report(settings: Settings) -> None:
 
 
 def engine_texts_per_second(settings: Settings, texts: list[str]) -> tuple[float, str]:
-    """The engine alone on the same texts, in the worker's batch size, after a warm-up."""
+    """The engine alone on the same texts, in the worker's batch size and as many batches at
+    once as the worker runs, after a warm-up."""
     from engines.load import load_engine
+    from engines.runtime import run_batches
 
     engine = load_engine(settings.engine_dir, settings.engine_version or None)
     try:
         size = min(settings.max_batch_size, engine.max_batch_size)
         engine.predict(texts[:size])
-        started = time.perf_counter()
-        for i in range(0, len(texts), size):
-            engine.predict(texts[i : i + size])
-        elapsed = time.perf_counter() - started
+        elapsed, _ = run_batches(engine, [texts[i : i + size] for i in range(0, len(texts), size)])
         identity = engine.identity
         return len(texts) / elapsed, f"{identity.version} ({identity.backend} {identity.precision})"
     finally:

@@ -42,6 +42,7 @@ from typing import Any
 
 import msgspec
 
+from engines.runtime import run_batches
 from engines.types import BatchResult, Engine, ModelIdentity, TokenizedText
 from streams.batcher import Batcher, BatchPolicy
 from streams.config import Settings
@@ -164,18 +165,15 @@ class EngineOnly:
 
 
 def measure_engine(engine: Engine, texts: list[str], batch_size: int) -> EngineOnly:
+    """The engine alone, batches in arrival order, as many at once as the worker runs."""
     batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     engine.predict(batches[0])  # warm
-    times = []
     bar = progress(len(texts), "engine only")
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for batch in batches:
-        started = time.perf_counter()
-        engine.predict(batch)
-        times.append((time.perf_counter() - started) * 1000)
-        bar.update(len(batch))
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    cpu0 = time.process_time()
+    wall, seconds = run_batches(engine, batches, bar.update)
+    cpu = time.process_time() - cpu0
     bar.close()
+    times = [s * 1000 for s in seconds]
     return EngineOnly(len(texts) / wall, cpu / len(texts), statistics.median(times), batch_size)
 
 
@@ -188,6 +186,10 @@ class _TokenizeOnly:
     @property
     def identity(self) -> ModelIdentity:
         return self._engine.identity
+
+    @property
+    def concurrent_batches(self) -> int:
+        return 1
 
     @property
     def max_batch_size(self) -> int:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -262,3 +263,63 @@ async def test_texts_tokenized_by_a_swapped_out_engine_are_tokenized_again() -> 
     await batcher.stop()
     assert {task.result().model.version for task in pending} == {"v2"}
     assert new.tokenized == [0]  # v2 tokenized them itself
+
+
+class _SlowEngine(FakeEngine):
+    """Each batch takes 30 ms on its engine thread; counts how many ran at once."""
+
+    def __init__(self, version: str = "v-slow", concurrent_batches: int = 1) -> None:
+        super().__init__(version, concurrent_batches=concurrent_batches)
+        self._guard = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.finished_at: list[float] = []
+
+    def predict(
+        self, texts: list[str], tokens: Sequence[TokenizedText] | None = None
+    ) -> BatchResult:
+        with self._guard:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.03)
+        try:
+            return super().predict(texts, tokens)
+        finally:
+            with self._guard:
+                self.running -= 1
+                self.finished_at.append(time.perf_counter())
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+async def test_batches_run_side_by_side_up_to_what_the_engine_allows(slots: int) -> None:
+    engine = _SlowEngine(concurrent_batches=slots)
+    batcher = Batcher(engine, BatchPolicy(4, 10_000, 5))
+    await batcher.start()
+    results = await asyncio.gather(*(batcher.submit(f"t{i}") for i in range(48)))
+    await batcher.stop()
+    assert engine.most_at_once == slots
+    assert len(engine.threads) == slots
+    assert [r.label for r in results] == ["neutral"] * 48
+
+
+async def test_a_swap_lets_running_batches_finish_and_starts_none_meanwhile() -> None:
+    old, new = _SlowEngine("v1", concurrent_batches=2), FakeEngine("v2")
+    batcher = Batcher(old, BatchPolicy(2, 10_000, 5))
+    await batcher.start()
+    first = [asyncio.ensure_future(batcher.submit(f"a{i}")) for i in range(12)]
+    await asyncio.sleep(0.01)  # batches of the old engine are running
+
+    loaded_at: list[float] = []
+
+    def load() -> FakeEngine:
+        loaded_at.append(time.perf_counter())
+        return new
+
+    await batcher.swap_engine(load)
+    results = await asyncio.gather(*first, batcher.submit("b"))
+    await batcher.stop()
+    assert max(old.finished_at) <= loaded_at[0], "an old batch ran while the new one loaded"
+    assert old.closed and old.most_at_once == 2
+    assert {r.model.version for r in results[:-1]} <= {"v1", "v2"}
+    assert results[-1].model.version == "v2"
+    assert sum(len(b) for b in old.batches) + sum(len(b) for b in new.batches) == 13

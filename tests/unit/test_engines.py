@@ -268,6 +268,50 @@ def test_session_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         SessionSettings.from_env(2)
 
 
+def test_session_runs_one_batch_per_core_unless_a_thread_count_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from engines.backends import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "available_cores", lambda: 4)
+    for key in ("THREADS", "CONCURRENT_RUNS"):
+        monkeypatch.delenv(f"INFLOW_ORT_{key}", raising=False)
+
+    def threads_and_runs(explicit: int | None = None) -> tuple[int, int]:
+        settings = onnxruntime.SessionSettings.from_env(explicit)
+        return settings.intra_op_threads, settings.concurrent_runs
+
+    assert threads_and_runs() == (1, 4)
+    assert threads_and_runs(explicit=2) == (2, 1)  # --threads: one batch at a time
+    monkeypatch.setenv("INFLOW_ORT_THREADS", "4")
+    assert threads_and_runs() == (4, 1)
+    monkeypatch.delenv("INFLOW_ORT_THREADS")
+    monkeypatch.setenv("INFLOW_ORT_CONCURRENT_RUNS", "2")
+    assert threads_and_runs() == (2, 2)
+
+
+def test_concurrent_batches_answer_like_one_at_a_time(
+    tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.delenv("INFLOW_ORT_THREADS", raising=False)
+    monkeypatch.setenv("INFLOW_ORT_CONCURRENT_RUNS", "3")
+    folder = _ort_folder(tiny_model, tiny_onnx, tmp_path / "ort")
+    engine = open_engine(folder, _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx"))
+    batches = [TEXTS[i % 5 :] + TEXTS[: i % 5 + 1] for i in range(20)]
+    try:
+        assert engine.concurrent_batches == 3
+        alone = [engine.predict(batch) for batch in batches]
+        with ThreadPoolExecutor(3) as threads:  # one session, three runs at once
+            together = list(threads.map(engine.predict, batches))
+    finally:
+        engine.close()
+    for got, expected in zip(together, alone, strict=True):
+        assert got.labels == expected.labels
+        np.testing.assert_allclose(got.embeddings, expected.embeddings, atol=1e-6)
+
+
 def test_bench_spec_options() -> None:
     from engines.build.bench import split_spec
     from engines.errors import BuildError
