@@ -395,12 +395,13 @@ def test_worker_probes_resources_and_security(config: dict[str, str]) -> None:
     }
     for bound in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(worker["resources"][bound]), bound
-    # ONNX Runtime sizes its thread pool from the CPU limit, not the node's cores
-    assert env_value(worker, "INFLOW_ORT_THREADS")["resourceFieldRef"] == {
+    # ONNX Runtime runs one batch per core of the CPU limit (not of the node), one thread each
+    assert env_value(worker, "INFLOW_ORT_CONCURRENT_RUNS")["resourceFieldRef"] == {
         "containerName": "worker",
         "resource": "limits.cpu",
         "divisor": "1",
     }
+    assert env_value(worker, "INFLOW_ORT_THREADS") == "1"
     pod_security = pod_spec(deployment)["securityContext"]
     assert pod_security["runAsNonRoot"] is True and pod_security["runAsUser"] != 0
     for ctr in pod_spec(deployment)["containers"] + pod_spec(deployment)["initContainers"]:
