@@ -269,6 +269,12 @@ class Latency:
     median_batch_ms: float
     bound_ms: float  # max wait + 3 x median batch time
     load_average: float = 0.0  # this machine's 1-minute load average when the phase ended
+    # Where the p99 went, from the worker's own histograms over the phase (coarse buckets):
+    # waiting in the batcher for a batch, a batch on the engine, the input record's Kafka
+    # timestamp to the prediction acknowledged (everything the worker and Kafka did).
+    queue_p99_ms: float = float("nan")
+    batch_p99_ms: float = float("nan")
+    worker_p99_ms: float = float("nan")
 
 
 def event_bytes(i: int, text: str, run: str) -> tuple[bytes, bytes]:
@@ -403,19 +409,24 @@ async def offer_load(
     return sent
 
 
+SCRAPED = ("inflow_batch_", "inflow_queue_ms", "inflow_produced_to_published_seconds")
+
+
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("inflow_batch_") and " " in line:
+        if line.startswith(SCRAPED) and " " in line:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
 
 
-def histogram_median(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    """Median of a Prometheus histogram between two scrapes (linear inside the bucket)."""
+def histogram_quantile(
+    before: dict[str, float], after: dict[str, float], name: str, q: float = 0.5
+) -> float:
+    """Quantile `q` of a Prometheus histogram between two scrapes (linear inside the bucket)."""
     buckets = []
     for key, value in after.items():
         if key.startswith(f"{name}_bucket"):
@@ -428,10 +439,10 @@ def histogram_median(before: dict[str, float], after: dict[str, float], name: st
         return float("nan")
     lower, below = 0.0, 0.0
     for bound, count in buckets:
-        if count >= total / 2:
+        if count >= total * q:
             if bound == float("inf"):
                 return lower
-            return lower + (bound - lower) * (total / 2 - below) / max(count - below, 1e-9)
+            return lower + (bound - lower) * (total * q - below) / max(count - below, 1e-9)
         lower, below = bound, count
     return lower
 
@@ -666,7 +677,7 @@ def run_worker_phases(
             )
             after = scrape(s.web_port)
             lat = [got[k] - sent[k] for k in sent]
-            median_batch = histogram_median(before, after, "inflow_batch_infer_ms")
+            median_batch = histogram_quantile(before, after, "inflow_batch_infer_ms")
             latencies.append(
                 Latency(
                     fraction,
@@ -678,6 +689,12 @@ def run_worker_phases(
                     median_batch,
                     s.max_wait_ms + 3 * median_batch,
                     os.getloadavg()[0],
+                    histogram_quantile(before, after, "inflow_queue_ms", 0.99),
+                    histogram_quantile(before, after, "inflow_batch_infer_ms", 0.99),
+                    1000
+                    * histogram_quantile(
+                        before, after, "inflow_produced_to_published_seconds", 0.99
+                    ),
                 )
             )
     finally:
@@ -834,13 +851,15 @@ def format_report(r: Report) -> str:
     if r.latency:
         lines.append(
             f"{'load':>5} {'events/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-            f"{'bound ms':>9} {'machine load':>13}"
+            f"{'bound ms':>9} {'machine load':>13}   worker p99 ms: {'queue':>6} {'batch':>6} "
+            f"{'record->acked':>13}"
         )
         for lat in r.latency:
             lines.append(
                 f"{lat.fraction:>5.0%} {lat.offered_per_s:>9.1f} {lat.p50_ms:>8.0f} "
                 f"{lat.p95_ms:>8.0f} {lat.p99_ms:>8.0f} {lat.bound_ms:>9.0f} "
-                f"{lat.load_average:>13.1f}"
+                f"{lat.load_average:>13.1f}   {'':>14}{lat.queue_p99_ms:>6.0f} "
+                f"{lat.batch_p99_ms:>6.0f} {lat.worker_p99_ms:>13.0f}"
             )
     lines.append("ratios:")
     lines += [f"  {name}: {value:.2f}" for name, value in r.ratios.items()]

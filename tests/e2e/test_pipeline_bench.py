@@ -55,6 +55,9 @@ def test_bench_pipeline_runs_on_a_tiny_configuration(
     assert latency["events"] >= 20
     assert latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
     assert latency["load_average"] >= 0 and report["drain"]["load_average"] >= 0
+    # the worker's own view of the same phase: queue and batch within what it saw end to end
+    assert 0 <= latency["queue_p99_ms"] <= latency["worker_p99_ms"]
+    assert 0 < latency["batch_p99_ms"] <= latency["worker_p99_ms"]
     assert [b["name"] for b in report["baselines"]] == ["torch fp32 per-event", "torch fp32 take"]
     assert all(b["events"] == 12 for b in report["baselines"])
     for key in (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -97,3 +98,18 @@ def test_ready_gauge_and_bulk_observer() -> None:
     assert sample("inflow_ready") == 1
     assert sample("inflow_es_bulk_seconds_bucket", {"le": "0.25"}) == 1
     assert sample("inflow_es_bulk_retries_total") == 1
+
+
+def test_bench_reads_quantiles_from_two_scrapes_of_a_histogram() -> None:
+    """`inflow bench pipeline` takes a phase's quantiles from the worker's histograms: the
+    counts between two scrapes, linear inside the bucket that holds the quantile."""
+    from streams.cli.pipeline_bench import histogram_quantile
+
+    before = {'x_bucket{le="10"}': 5.0, 'x_bucket{le="100"}': 5.0, 'x_bucket{le="+Inf"}': 5.0}
+    # 100 observations in the phase: 50 below 10 ms, 48 in (10, 100], 2 above 100
+    after = {'x_bucket{le="10"}': 55.0, 'x_bucket{le="100"}': 103.0, 'x_bucket{le="+Inf"}': 105.0}
+    assert histogram_quantile(before, after, "x") == 10.0
+    assert histogram_quantile(before, after, "x", 0.25) == 5.0
+    assert abs(histogram_quantile(before, after, "x", 0.97) - (10 + 90 * 47 / 48)) < 1e-9
+    assert histogram_quantile(before, after, "x", 0.99) == 100.0  # the +Inf bucket: its floor
+    assert math.isnan(histogram_quantile(after, after, "x"))  # nothing observed
