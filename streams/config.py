@@ -71,10 +71,12 @@ class Settings:
     topic_partitions: int = 4
     topic_replication: int = 1
 
-    # Inference micro-batching, chosen with `inflow batch-bench` on the INT8 engine (README):
-    # 4..32 texts all gave 117-127 texts/s on tweets; 16 with a 2048-token padded budget and
-    # 10 ms wait was the best row, and the budget keeps long texts from padding a big batch.
-    max_batch_size: int = 16
+    # Inference micro-batching on the CPU, measured with `inflow bench pipeline` (README): with
+    # one batch per core on one thread each, batches of at most 8 drained as fast as 16
+    # (451-512 against 498-523 events/s) and cut the p99 at half of capacity from 130-155 ms
+    # to 38-74 (a batch of 16 holds its core ~50 ms). The 2048-token budget keeps long texts
+    # from padding a batch. A GPU wants bigger batches: the TensorRT worker sets 64.
+    max_batch_size: int = 8
     max_batch_tokens: int = 2048
     max_wait_ms: int = 10
     # Events decoded but not yet answered: bounds memory and gives backpressure.
