@@ -275,6 +275,8 @@ class Latency:
     queue_p99_ms: float = float("nan")
     batch_p99_ms: float = float("nan")
     worker_p99_ms: float = float("nan")
+    # Cores each process used during the phase: the two vCPUs are shared by all of them.
+    cores: dict[str, float] = field(default_factory=dict)
 
 
 def event_bytes(i: int, text: str, run: str) -> tuple[bytes, bytes]:
@@ -654,7 +656,7 @@ def run_worker_phases(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    sampler = CpuSampler({**pids, "worker": proc.pid}).start()
+    sampler = CpuSampler({**pids, "worker": proc.pid, "bench": os.getpid()}).start()
     try:
         wait_ready(s.web_port, proc, timeout_s=300)
         stamps = asyncio.run(collect(s, s.predictions_topic, len(texts), "drain", timeout_s=1800))
@@ -670,12 +672,18 @@ def run_worker_phases(
             rate = fraction * drain.events_per_s
             count = max(20, min(latency_events, int(rate * 20)))
             before = scrape(s.web_port)
+            began = time.time()
             tag = f"{run}-r{fraction}"
             sent = asyncio.run(offer_load(s, s.texts_topic, texts[:count], rate, tag))
             got = asyncio.run(
                 collect_keys(s, s.predictions_topic, set(sent), f"latency {fraction:.0%}")
             )
             after = scrape(s.web_port)
+            ended = time.time()
+            cores = {
+                name: round(sampler.used(name, began, ended) / max(ended - began, 1e-3), 2)
+                for name in ("worker", "kafka", "search", "bench")
+            }
             lat = [got[k] - sent[k] for k in sent]
             median_batch = histogram_quantile(before, after, "inflow_batch_infer_ms")
             latencies.append(
@@ -695,6 +703,7 @@ def run_worker_phases(
                     * histogram_quantile(
                         before, after, "inflow_produced_to_published_seconds", 0.99
                     ),
+                    cores,
                 )
             )
     finally:
@@ -859,7 +868,8 @@ def format_report(r: Report) -> str:
                 f"{lat.fraction:>5.0%} {lat.offered_per_s:>9.1f} {lat.p50_ms:>8.0f} "
                 f"{lat.p95_ms:>8.0f} {lat.p99_ms:>8.0f} {lat.bound_ms:>9.0f} "
                 f"{lat.load_average:>13.1f}   {'':>14}{lat.queue_p99_ms:>6.0f} "
-                f"{lat.batch_p99_ms:>6.0f} {lat.worker_p99_ms:>13.0f}"
+                f"{lat.batch_p99_ms:>6.0f} {lat.worker_p99_ms:>13.0f}   cores: "
+                + ", ".join(f"{name} {used:.2f}" for name, used in lat.cores.items())
             )
     lines.append("ratios:")
     lines += [f"  {name}: {value:.2f}" for name, value in r.ratios.items()]

@@ -58,6 +58,8 @@ def test_bench_pipeline_runs_on_a_tiny_configuration(
     # the worker's own view of the same phase: queue and batch within what it saw end to end
     assert 0 <= latency["queue_p99_ms"] <= latency["worker_p99_ms"]
     assert 0 < latency["batch_p99_ms"] <= latency["worker_p99_ms"]
+    assert set(latency["cores"]) == {"worker", "kafka", "search", "bench"}
+    assert latency["cores"]["worker"] > 0 and latency["cores"]["bench"] > 0
     assert [b["name"] for b in report["baselines"]] == ["torch fp32 per-event", "torch fp32 take"]
     assert all(b["events"] == 12 for b in report["baselines"])
     for key in (
