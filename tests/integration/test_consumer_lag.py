@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams.lag import ConsumerLag, LagUnavailable
+from tests.integration.kafka_topics import create_topic
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +29,7 @@ async def test_lag_is_end_offset_minus_committed_offset_per_assigned_partition(
     kafka_bootstrap: str, unique_name: Callable[[str], str]
 ) -> None:
     topic, group = unique_name("lag"), unique_name("group")
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_bootstrap, topic, partitions=3)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=True)
     await producer.start()
     try:

@@ -13,21 +13,16 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams.eos import rewind_to_committed
+from tests.integration.kafka_topics import create_topic
 
 pytestmark = pytest.mark.integration
 
 
 async def _partition_of(bootstrap: str, topic: str, records: int) -> TopicPartition:
     """A new one-partition topic holding `records` records."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(bootstrap, topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:

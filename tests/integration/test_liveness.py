@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streams.health import WorkerHealth
 from streams.lag import ConsumerLag
+from tests.integration.kafka_topics import create_topic
 
 pytestmark = pytest.mark.integration
 
@@ -25,12 +25,7 @@ async def test_a_member_that_stops_committing_with_lag_is_not_live(
     kafka_bootstrap: str, unique_name: Callable[[str], str]
 ) -> None:
     topic, group = unique_name("texts"), unique_name("group")
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka_bootstrap, topic)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     member = AIOKafkaConsumer(
