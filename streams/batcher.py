@@ -137,8 +137,7 @@ class Batcher:
         self._slots = 1 if engine is None else max(1, engine.concurrent_batches)
         self._thread = _engine_threads(self._slots)
         self._running: set[asyncio.Task[None]] = set()  # batches on the engine threads
-        self._swap = asyncio.Lock()
-        self._swapping = False  # no new batch starts: a swap waits for the running ones
+        self._swap = asyncio.Lock()  # while held, no new batch starts (see swap_engine)
         self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inflow-tokenize")
         self._task: asyncio.Task[None] | None = None
         self._tokenizing: asyncio.Task[None] | None = None
@@ -252,19 +251,16 @@ class Batcher:
                 self.policy = self._fit(self._requested, new)
             return old, new
 
-        async with self._swap:
-            self._swapping = True
-            try:
-                while self._running:
-                    await asyncio.wait(set(self._running))
+        try:
+            async with self._swap:
+                await self._running_finished()
                 old, new = await loop.run_in_executor(self._thread, load_and_swap)
                 slots = max(1, new.concurrent_batches)
                 if slots != self._slots:  # the old threads are idle: nothing runs
                     self._thread.shutdown(wait=False)
                     self._slots, self._thread = slots, _engine_threads(slots)
-            finally:
-                self._swapping = False
-                self._wakeup.set()
+        finally:
+            self._wakeup.set()  # the batching loop waits for the swap to end
         if old is not None and old is not new:
             old.close()
         return new.identity
@@ -322,14 +318,13 @@ class Batcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if self._swapping or len(self._running) >= self._slots:
+            if self._swap.locked() or len(self._running) >= self._slots:
                 self._wakeup.clear()  # set again when a batch ends or the swap is done
                 await self._wakeup.wait()
                 continue
             if not self._pending:
                 if self._stopping and not self._still_tokenizing():
-                    while self._running:
-                        await asyncio.wait(set(self._running))
+                    await self._running_finished()
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -346,6 +341,10 @@ class Batcher:
                 task = asyncio.create_task(self._infer(loop, batch), name="inflow-batch")
                 self._running.add(task)
                 task.add_done_callback(self._batch_done)
+
+    async def _running_finished(self) -> None:
+        while self._running:
+            await asyncio.wait(set(self._running))
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
