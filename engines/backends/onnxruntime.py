@@ -26,6 +26,10 @@ ENV_EXECUTION = "INFLOW_ORT_EXECUTION"  # sequential (default) or parallel
 ENV_INTER_THREADS = "INFLOW_ORT_INTER_THREADS"  # threads between nodes in parallel mode (1)
 
 OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
+# Session graph fusions that slow the CPU down: SkipLayerNormFusion would fuse each residual
+# Add + LayerNormalization into onnxruntime's SkipLayerNormalization, whose CPU kernel took
+# 5-6x as long at every shape measured (engines.build.export.fuse_for_onnxruntime).
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 EXECUTION_MODES = ("sequential", "parallel")
 
 
@@ -174,9 +178,13 @@ class OnnxRuntimeBackend:
         self.settings = settings or SessionSettings.from_env(intra_op_threads)
         opts = self.settings.options()
         self.providers = choose_providers(ort.get_available_providers(), providers)
+        cpu_only = self.providers == ["CPUExecutionProvider"]
         try:
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=opts, providers=self.providers
+                str(model_path),
+                sess_options=opts,
+                providers=self.providers,
+                disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS) if cpu_only else None,
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -402,6 +402,37 @@ def test_int8_quantization_runs(tiny_model: ModelInfo, tiny_onnx: Path, tmp_path
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
 
 
+def test_cpu_graphs_keep_residual_adds_out_of_skip_layer_norm(
+    tiny_model: ModelInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's SkipLayerNormalization CPU kernel is 5-6x slower than the Add +
+    LayerNormalization it replaces: neither the export nor the serving session may fuse it."""
+    import onnx
+
+    from engines.backends.onnxruntime import OnnxRuntimeBackend, SessionSettings
+    from engines.build.export import export_model
+
+    fused = export_model(tiny_model, "fp32", progress=False, fused=True)
+    ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
+    assert "Attention" in ops and "BiasGelu" in ops  # the fusions that pay are applied
+    assert "SkipLayerNormalization" not in ops and "LayerNormalization" in ops
+
+    # The session's own graph optimizer would fuse them again: look at what it runs.
+    optimized = tmp_path / "optimized.onnx"
+    plain_options = SessionSettings.options
+
+    def options_saving_the_graph(self: SessionSettings) -> Any:
+        opts = plain_options(self)
+        opts.optimized_model_filepath = str(optimized)
+        return opts
+
+    monkeypatch.setattr(SessionSettings, "options", options_saving_the_graph)
+    backend = OnnxRuntimeBackend(fused, "fp32", 8, 64, providers=["CPUExecutionProvider"])
+    backend.close()
+    served = {n.op_type for n in onnx.load(str(optimized)).graph.node}
+    assert "SkipLayerNormalization" not in served and "LayerNormalization" in served
+
+
 # ------------------------------------------------------------------------ registry
 def test_registry_activate_rollback_and_history(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
