@@ -234,6 +234,24 @@ def validation_examples(
     return stratified_sample(split_dataset(dataset, seed).validation, n, seed)
 
 
+def dataset_of(train_source: object) -> str:
+    """The dataset a model was trained on, from its recorded `train.source`: 'sentiment',
+    'topic' or a file that still exists; 'sentiment' (English tweets) for anything else (a
+    model trained elsewhere, or a file that is gone)."""
+    source = str(train_source or "sentiment")
+    if source not in ("sentiment", "topic") and not Path(source).exists():
+        return "sentiment"
+    return source
+
+
+def training_texts(
+    n: int, dataset: str | Path = "sentiment", seed: int = DEFAULT_SEED
+) -> list[str]:
+    """A deterministic stratified sample of the training split's texts (never the texts the
+    parity gate judges: those come from the validation split)."""
+    return [text for text, _ in stratified_sample(split_dataset(dataset, seed).train, n, seed)]
+
+
 def sample_texts(n: int, dataset: str | Path = "sentiment", seed: int = 0) -> list[str]:
     """`n` real texts for demos and benchmarks (repeats the corpus if n exceeds its size)."""
     examples = load_dataset(dataset).examples

@@ -128,12 +128,9 @@ def record_baseline(
 
 def parity_examples(info: ModelInfo, n: int = DEFAULT_PARITY_TEXTS) -> list[tuple[str, str]]:
     """Held-back validation examples of the dataset the model was trained on."""
-    from engines.build.data import validation_examples
+    from engines.build.data import dataset_of, validation_examples
 
-    source = str(info.meta.get("train", {}).get("source", "sentiment"))
-    if source not in ("sentiment", "topic") and not Path(source).exists():
-        source = "sentiment"
-    return validation_examples(n, source)
+    return validation_examples(n, dataset_of(info.meta.get("train", {}).get("source")))
 
 
 def _check_combo(backend: str, precision: str) -> None:

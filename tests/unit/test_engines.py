@@ -398,8 +398,66 @@ def test_int8_quantization_runs(tiny_model: ModelInfo, tiny_onnx: Path, tmp_path
     assert np.isfinite(result.embeddings).all()
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    # Each layer's down-projection keeps its widest input channels in an fp32 MatMul.
+    kept = [n for n in graph.node if n.name.endswith("/outliers_fp32")]
+    assert len(kept) == 2 and all(n.op_type == "MatMul" for n in kept)
+
+
+def test_outlier_split_is_exact_in_fp32_and_tightens_int8(tmp_path: Path) -> None:
+    """X @ W == (X * m) @ W_in + X[..., o] @ W[o]; quantized, the split keeps the error of the
+    other channels small where one wide channel would set the shared activation scale."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from engines.build.export import down_projections, split_outlier_channels
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 10, 128)).astype(np.float32)
+    x[..., 7] *= 40.0  # one channel far wider than the others, as GELU outputs have
+    w = rng.normal(scale=0.1, size=(128, 32)).astype(np.float32)
+
+    def graph_bytes() -> onnx.ModelProto:
+        g = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="down")],
+            "ffn",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 128])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(w, "w")],
+        )
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    def run(model: onnx.ModelProto | str) -> Any:
+        source = model if isinstance(model, str) else model.SerializeToString()
+        return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+            0
+        ]
+
+    split = graph_bytes()
+    projections = down_projections(split.graph, hidden=32)
+    assert [n.name for n in projections] == ["down"]
+    kept = split_outlier_channels(split.graph, projections, [np.abs(x).max(axis=(0, 1))], 4)
+    exact = x @ w
+    np.testing.assert_allclose(run(split), exact, rtol=1e-4, atol=1e-4)
+
+    def int8_error(model: onnx.ModelProto, exclude: list[str]) -> float:
+        onnx.save(model, str(tmp_path / "f.onnx"))
+        quantize_dynamic(
+            str(tmp_path / "f.onnx"),
+            str(tmp_path / "q.onnx"),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_exclude=exclude,
+        )
+        return float(np.abs(run(str(tmp_path / "q.onnx")) - exact).mean())
+
+    plain, with_split = int8_error(graph_bytes(), []), int8_error(split, kept)
+    print(f"mean |error|: all int8 {plain:.4f}, outliers split {with_split:.4f}")
+    assert with_split < plain / 3
 
 
 def test_cpu_graphs_keep_residual_adds_out_of_skip_layer_norm(
