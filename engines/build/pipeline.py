@@ -401,20 +401,3 @@ def ensure(
         f"even the fp32 engine failed the parity gate ({manifest.reason}): "
         "retrain the model or relax the thresholds"
     )
-    say("int8 was rejected by the parity gate: building fp32 instead")
-    manifest = build(
-        "onnxruntime",
-        "fp32",
-        model=info.path,
-        registry_root=registry.root,
-        thresholds=thresholds,
-        activate=True,
-        progress=progress,
-        echo=say,
-    )
-    if not manifest.accepted:
-        raise BuildError(
-            f"even the fp32 engine failed the parity gate ({manifest.reason}): "
-            "retrain the model or relax the thresholds"
-        )
-    return manifest
