@@ -4,7 +4,8 @@ running beside it on the same machine.
 
 Phases (a progress bar on stderr for each):
   1. engine only: the active engine in this process, batches of the worker's size in arrival
-     order: texts/s and CPU seconds per text;
+     order, then the same texts in batches of similar length (as the worker's batcher forms
+     them, the engine at its best on these texts): texts/s and CPU seconds per text;
   2. padding: the same texts through the Batcher first-in-first-out and by length (the engine
      stubbed out, the real tokenizer), padded tokens per real token;
   3. drain: a backlog of N events on fresh topics, one `inflow worker` process drains it:
@@ -164,11 +165,13 @@ class EngineOnly:
     batch_size: int
 
 
-def measure_engine(engine: Engine, texts: list[str], batch_size: int) -> EngineOnly:
-    """The engine alone, batches in arrival order, as many at once as the worker runs."""
+def measure_engine(
+    engine: Engine, texts: list[str], batch_size: int, desc: str = "engine only"
+) -> EngineOnly:
+    """The engine alone on consecutive batches of `texts`, as many at once as the worker runs."""
     batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     engine.predict(batches[0])  # warm
-    bar = progress(len(texts), "engine only")
+    bar = progress(len(texts), desc)
     cpu0 = time.process_time()
     wall, seconds = run_batches(engine, batches, bar.update)
     cpu = time.process_time() - cpu0
@@ -492,6 +495,7 @@ class Report:
     policy: dict[str, int]
     other_load_before: str
     engine_only: EngineOnly | None = None
+    engine_by_length: EngineOnly | None = None  # the same texts, batches of similar length
     padding: dict[str, float] = field(default_factory=dict)
     drain: Drain | None = None
     latency: list[Latency] = field(default_factory=list)
@@ -585,6 +589,10 @@ def measure_all(
     try:
         batch = min(policy.max_batch_size, engine.max_batch_size)
         report.engine_only = measure_engine(engine, texts, batch)
+        by_length = [
+            text for _, text in sorted(zip(engine.count_tokens(texts), texts, strict=True))
+        ]
+        report.engine_by_length = measure_engine(engine, by_length, batch, "engine by length")
         fifo = BatchPolicy(batch, policy.max_batch_tokens, policy.max_wait_ms, length_aware=False)
         aware = BatchPolicy(batch, policy.max_batch_tokens, policy.max_wait_ms, length_aware=True)
         report.padding = {
@@ -821,9 +829,18 @@ def fill_ratios(r: Report) -> None:
         r.ratios["worker CPU per event / engine CPU per text"] = _ratio(
             r.drain.cpu_s_per_event, r.engine_only.cpu_s_per_text
         )
+    if r.engine_by_length and r.drain:
+        r.ratios["drain / engine-only by length texts/s"] = _ratio(
+            r.drain.events_per_s, r.engine_by_length.texts_per_s
+        )
     for b in r.baselines:
         if r.drain:
             r.ratios[f"inflow / {b.name} events/s"] = _ratio(r.drain.events_per_s, b.events_per_s)
+        if r.engine_by_length:
+            # What no worker on this machine can beat: the engine alone, with the cores to itself.
+            r.ratios[f"engine by length / {b.name} (ceiling)"] = _ratio(
+                r.engine_by_length.texts_per_s, b.events_per_s
+            )
     if r.padding.get("length_aware"):
         r.ratios["padding fifo / length-aware"] = _ratio(
             r.padding["fifo"], r.padding["length_aware"]
@@ -837,12 +854,13 @@ def format_report(r: Report) -> str:
         f"cpu: {r.cpu['model']}, {r.cpu['cpus']} CPUs, flags {r.cpu['flags']}",
         f"engine {r.engine['version']}; policy {r.policy}",
     ]
-    if r.engine_only:
-        e = r.engine_only
+    for e, order in ((r.engine_only, "arrival order"), (r.engine_by_length, "by length")):
+        if e is None:
+            continue
         lines.append(
             f"engine only     {e.texts_per_s:8.1f} texts/s  "
             f"{e.cpu_s_per_text * 1000:6.2f} ms CPU/text"
-            f"  (batches of {e.batch_size}, median {e.median_batch_ms:.1f} ms)"
+            f"  (batches of {e.batch_size} in {order}, median {e.median_batch_ms:.1f} ms)"
         )
     for d in [r.drain, *r.baselines]:
         if d is None:

@@ -44,6 +44,7 @@ def test_bench_pipeline_runs_on_a_tiny_configuration(
     assert set(report["cpu"]) == {"model", "cpus", "flags"}
     assert report["engine_only"]["texts_per_s"] > 0
     assert report["engine_only"]["cpu_s_per_text"] > 0
+    assert report["engine_by_length"]["texts_per_s"] > 0
     assert report["drain"]["events"] == 40
     assert {"events_per_s", "cpu_s_per_event", "kafka_cores", "search_cores"} <= set(
         report["drain"]
@@ -67,6 +68,8 @@ def test_bench_pipeline_runs_on_a_tiny_configuration(
         "worker CPU per event / engine CPU per text",
         "inflow / torch fp32 per-event events/s",
         "inflow / torch fp32 take events/s",
+        "drain / engine-only by length texts/s",
+        "engine by length / torch fp32 per-event (ceiling)",
     ):
         assert key in report["ratios"]
     assert (tmp_path / "bench.png").stat().st_size > 0
