@@ -854,13 +854,13 @@ def format_report(r: Report) -> str:
         f"cpu: {r.cpu['model']}, {r.cpu['cpus']} CPUs, flags {r.cpu['flags']}",
         f"engine {r.engine['version']}; policy {r.policy}",
     ]
-    for e, order in ((r.engine_only, "arrival order"), (r.engine_by_length, "by length")):
+    for e, order in ((r.engine_only, "in arrival order"), (r.engine_by_length, "by length")):
         if e is None:
             continue
         lines.append(
             f"engine only     {e.texts_per_s:8.1f} texts/s  "
             f"{e.cpu_s_per_text * 1000:6.2f} ms CPU/text"
-            f"  (batches of {e.batch_size} in {order}, median {e.median_batch_ms:.1f} ms)"
+            f"  (batches of {e.batch_size} {order}, median {e.median_batch_ms:.1f} ms)"
         )
     for d in [r.drain, *r.baselines]:
         if d is None:
