@@ -374,6 +374,11 @@ def calibration_batches(info: ModelInfo, n: int = CALIBRATION_TEXTS) -> list[Enc
     return [tokenizer.encode(texts[i : i + 16]) for i in range(0, len(texts), 16)]
 
 
+def _encoder_config(info: ModelInfo) -> dict[str, Any]:
+    config: dict[str, Any] = json.loads((info.encoder_path() / "config.json").read_text())
+    return config
+
+
 def export_model(
     model: Path | ModelInfo, precision: str = "fp32", progress: bool = True, fused: bool = False
 ) -> Path:
@@ -409,7 +414,7 @@ def export_model(
     elif variant == "fp32-fused":
         plain = export_model(info, "fp32", progress)
         say(f"fusing {info.name} ({info.short_hash}) for onnxruntime ...")
-        config = json.loads((info.encoder_path() / "config.json").read_text())
+        config = _encoder_config(info)
         try:
             stats = fuse_for_onnxruntime(plain, out, attention_heads(config), hidden_size(config))
         except BuildError as exc:
@@ -422,7 +427,7 @@ def export_model(
     else:
         fp32 = export_model(info, "fp32", progress, fused=True)
         say(f"quantizing {info.name} ({info.short_hash}) to INT8 ...")
-        config = json.loads((info.encoder_path() / "config.json").read_text())
+        config = _encoder_config(info)
         quantize_int8(fp32, out, hidden_size(config), calibration_batches(info))
     _write_stamp(out, stamp)
     return out
