@@ -48,6 +48,11 @@ HEADER_REPLAY_COUNT = "inflow.replay.count"
 # The engine version serving when the record gave up (infer stage), or that made the
 # prediction (index stage): `inflow dlq` filters on it.
 HEADER_ENGINE_VERSION = "inflow.engine.version"
+# A dead letter too large for its own topic keeps what fits: a prefix of the original value,
+# flagged, with the original's size and sha256 (the source coordinates locate the whole).
+HEADER_TRUNCATED = "inflow.dlq.truncated"
+HEADER_ORIGINAL_SIZE = "inflow.original.size"
+HEADER_ORIGINAL_SHA256 = "inflow.original.sha256"
 DEAD_LETTER_HEADERS = (
     HEADER_ERROR_CODE,
     HEADER_ERROR_MESSAGE,
@@ -58,7 +63,12 @@ DEAD_LETTER_HEADERS = (
     HEADER_SCHEMA_VERSION,
     HEADER_REPLAY_COUNT,
     HEADER_ENGINE_VERSION,
+    HEADER_TRUNCATED,
+    HEADER_ORIGINAL_SIZE,
+    HEADER_ORIGINAL_SHA256,
 )
+# The longest `inflow.replay.count` read as a count: a signed 64-bit integer's worth.
+MAX_REPLAY_COUNT_DIGITS = 18
 # A header travels with every dead letter; long exception texts are cut to keep it small.
 MAX_ERROR_MESSAGE_CHARS = 1_000
 # |‖embedding‖₂ - 1| allowed by decode_prediction: covers fp16 engines' rounding.
@@ -446,15 +456,19 @@ def dead_letter_headers(
 def replay_count(
     headers: Iterable[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None,
 ) -> int:
-    """A record's `inflow.replay.count` (0 when absent or not a non-negative integer)."""
+    """A record's `inflow.replay.count` (0 when absent or not 1 to MAX_REPLAY_COUNT_DIGITS
+    ASCII digits). Never raises: headers come from whoever produced the record."""
     if not headers:
         return 0
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     count = 0
     for name, value in pairs:
         if name == HEADER_REPLAY_COUNT and value is not None:
-            text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-            count = int(text) if text.isdigit() else 0  # a repeated name: the last one wins
+            # Only what `inflow dlq replay` writes counts. isdigit() alone also passes '²' and
+            # other Unicode digits, which int() refuses, and int() refuses more than 4,300
+            # digits; no record is replayed that often, so such a header is noise: 0.
+            valid = len(value) <= MAX_REPLAY_COUNT_DIGITS and value.isascii() and value.isdigit()
+            count = int(value) if valid else 0  # a repeated name: the last one wins
     return count
 
 

@@ -46,6 +46,10 @@ class ErrorCode(StrEnum):
     INFERENCE_FAILED = "inference_failed"
     INVALID_PREDICTION = "invalid_prediction"
     INDEX_REJECTED = "index_rejected"
+    # the prediction is larger than the predictions topic (or the producer) takes
+    PREDICTION_TOO_LARGE = "prediction_too_large"
+    # an unexpected error while processing this one record (a bug: the message says which)
+    PROCESSING_FAILED = "processing_failed"
 
 
 class Stage(StrEnum):
