@@ -4,6 +4,7 @@ Every call that must eventually succeed (publishing a prediction or a dead lette
 setting up the index) goes through `RetryPolicy.call`:
 
 - a retriable error (a flag ``retriable = True`` on our error classes and on aiokafka's, a
+  Kafka timeout or unavailable broker that aiokafka flags permanent (`is_retriable`), a
   connection or timeout error, an Elasticsearch 429/5xx or transport error) is retried with
   capped exponential backoff and jitter, for as long as it takes; the log says so on the 1st,
   2nd, 4th, 8th... attempt with the count, never once per attempt, and from the
@@ -30,6 +31,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from aiokafka.errors import (
+    BrokerNotAvailableError,
+    ConcurrentTransactions,
+    KafkaTimeoutError,
+    KafkaUnavailableError,
+    MessageSizeTooLargeError,
+    QuotaViolationError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    ReplicaNotAvailableError,
+)
 from elasticsearch import ApiError, TransportError
 from tenacity import (
     AsyncRetrying,
@@ -47,9 +59,39 @@ NOT_READY_AFTER = 4
 FaultSink = Callable[[str, str | None], object]  # (condition name, reason or None when cleared)
 
 
+# aiokafka flags these `retriable = False`, yet each reports a state that passes by itself, and
+# Kafka's Java client retries them: a timeout (the producer's delivery or metadata timeout is
+# what a Kafka outage during a publish looks like), a broker or replica that is down or moving,
+# no broker answering, a quota throttle, another transaction on the same id still completing.
+# Flagged permanent, an outage would park the call and be rechecked once a `recheck_s`.
+# aiokafka's other errors keep their flag: timeouts, connection, leader and coordinator errors
+# already say True; authorization, authentication, sizes, invalid topics or configuration,
+# unsupported versions and a fenced producer say False and stay permanent.
+_TRANSIENT_KAFKA_ERRORS: tuple[type[BaseException], ...] = (
+    KafkaTimeoutError,
+    BrokerNotAvailableError,
+    ReplicaNotAvailableError,
+    KafkaUnavailableError,
+    QuotaViolationError,
+    ConcurrentTransactions,
+)
+# One record that no retry can deliver: the producer's own `max_request_size` check and the
+# broker's MESSAGE_TOO_LARGE (both MessageSizeTooLargeError), the broker's RECORD_LIST_TOO_LARGE
+# (a batch over the segment size; aiokafka gives an over-batch-size record a batch of its own),
+# and aiokafka's RecordTooLargeError (a record over the consumer's fetch size).
+_RECORD_TOO_LARGE_ERRORS: tuple[type[BaseException], ...] = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+)
+
+
 def is_retriable(exc: BaseException) -> bool:
-    """Whether the same call may succeed later: the error's own ``retriable`` flag when it has
-    one, else connection and timeout failures and Elasticsearch's 429/5xx."""
+    """Whether the same call may succeed later: a transient Kafka error (above), else the
+    error's own ``retriable`` flag when it has one, else connection and timeout failures and
+    Elasticsearch's 429/5xx."""
+    if isinstance(exc, _TRANSIENT_KAFKA_ERRORS):
+        return True
     flag = getattr(exc, "retriable", None)
     if isinstance(flag, bool):
         return flag
@@ -58,6 +100,12 @@ def is_retriable(exc: BaseException) -> bool:
     if isinstance(exc, TransportError):  # connection refused/reset, timeout, TLS
         return True
     return isinstance(exc, (OSError, TimeoutError))  # ConnectionError is an OSError
+
+
+def is_record_too_large(exc: BaseException) -> bool:
+    """Whether `exc` says one record is too large for Kafka: permanent for that record (a
+    retry sends the same bytes), so dead-letter it rather than park the stream behind it."""
+    return isinstance(exc, _RECORD_TOO_LARGE_ERRORS)
 
 
 def _noop_fault(_name: str, _reason: str | None) -> None:
