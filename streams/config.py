@@ -98,6 +98,10 @@ class Settings:
     # A permanent error of the system (credentials, permissions) parks delivery, not ready;
     # it is checked again this often (streams.retry).
     permanent_recheck_s: float = 60.0
+    # On SIGTERM: how long the worker waits for the records it took to be answered. What is
+    # still unanswered then is not committed (the next owner takes it again), so a parked
+    # record never holds a stop (Kubernetes' grace period is 30 s by default).
+    drain_timeout_s: float = 15.0
 
     # Index batching
     index_batch_size: int = 500
@@ -116,6 +120,9 @@ class Settings:
     # every request without a valid key unless web_allow_anonymous says otherwise.
     web_api_keys: str = ""
     web_allow_anonymous: bool = False
+    # /similar runs its query text on the live engine: at most this many at once, so searches
+    # cannot starve the stream (more get 429 with Retry-After).
+    similar_max_concurrent: int = 2
     engine_poll_s: float = 2.0  # how often the worker looks for a newly activated engine
     health_poll_s: float = 5.0  # how often Elasticsearch and the consumer lag are probed
     # /health/live fails when a partition has lag but its committed offset stood still this long
@@ -184,6 +191,10 @@ class Settings:
             raise ConfigError(
                 "INFLOW_REBALANCE_TIMEOUT_S and INFLOW_PERMANENT_RECHECK_S must be positive"
             )
+        if self.drain_timeout_s <= 0:
+            raise ConfigError("INFLOW_DRAIN_TIMEOUT_S must be positive")
+        if self.similar_max_concurrent < 1:
+            raise ConfigError("INFLOW_SIMILAR_MAX_CONCURRENT must be at least 1")
         if self.health_poll_s <= 0 or self.stall_after_s <= 0:
             raise ConfigError("INFLOW_HEALTH_POLL_S and INFLOW_STALL_AFTER_S must be positive")
         if self.drift_window < 1 or not 1 <= self.drift_min_samples <= self.drift_window:

@@ -188,6 +188,11 @@ class Metrics:
             "Bulk rounds retried after a failed request or retriable item errors",
             registry=r,
         )
+        self.similar_rejected = Counter(
+            "inflow_similar_rejected",
+            "/similar requests refused with 429: every engine slot for searches was taken",
+            registry=r,
+        )
         self.ready = Gauge(
             "inflow_ready", "1 when the worker is ready to serve, else 0", registry=r
         )

@@ -8,6 +8,9 @@ they answer only when served on loopback, or when the operator set
 `INFLOW_WEB_ALLOW_ANONYMOUS=true` (403 otherwise). Their parameters are bounded and checked
 (`parse_search_params`) and only ever become values in the query body, never query syntax.
 Every search request, answered or refused, writes one JSON line to the `inflow.audit` logger.
+/similar runs its text on the engine that serves the stream, so at most
+`INFLOW_SIMILAR_MAX_CONCURRENT` of them embed at once; one more is answered 429 with
+`Retry-After: 1` at once (not queued behind the stream), counted in `inflow_similar_rejected`.
 With `INFLOW_SEARCH_PORT` set they move to their own server (`SearchServer`), and the Faust
 web server keeps only /metrics and /health/* (for probes and scrapes on a private address).
 """
@@ -19,7 +22,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -104,6 +107,10 @@ class Refused(Exception):
         self.status = status
 
 
+class Busy(Exception):
+    """Every /similar engine slot is taken: answered 429 with Retry-After, never queued."""
+
+
 class SearchAccess:
     """Who may use the search views (see the module docstring)."""
 
@@ -165,12 +172,29 @@ def _result_json(result: SearchResult) -> dict[str, Any]:
 
 
 class SearchViews:
-    """/search and /similar, independent of the web server that mounts them."""
+    """/search and /similar, independent of the web server that mounts them.
 
-    def __init__(self, *, batcher: Any, searcher: Any, access: SearchAccess) -> None:
+    `similar_max_concurrent` bounds the /similar requests embedding their text at once: the
+    engine is the stream's, and each embed takes a place in its batches. `on_rejected` is
+    called for each request refused for that bound (a metric)."""
+
+    def __init__(
+        self,
+        *,
+        batcher: Any,
+        searcher: Any,
+        access: SearchAccess,
+        similar_max_concurrent: int = 2,
+        on_rejected: Callable[[], object] | None = None,
+    ) -> None:
+        if similar_max_concurrent < 1:
+            raise ValueError("similar_max_concurrent must be at least 1")
         self._batcher = batcher
         self._searcher = searcher
         self.access = access
+        self.similar_max_concurrent = similar_max_concurrent
+        self._similar_running = 0
+        self._on_rejected = on_rejected
 
     async def handle(
         self,
@@ -197,6 +221,8 @@ class SearchViews:
             status, body, extra = exc.status, {"error": str(exc)}, challenge
         except BadRequest as exc:
             status, body, extra = 400, {"error": str(exc)}, {}
+        except Busy as exc:
+            status, body, extra = 429, {"error": str(exc)}, {"Retry-After": "1"}
         except NoEngine:
             status, body, extra = 503, {"error": "no engine loaded yet: see /health/ready"}, {}
         except IndexerError as exc:
@@ -213,11 +239,29 @@ class SearchViews:
                 request.text, label=request.label, k=request.k
             )
             return result
-        vector = await self._batcher.embed_query(request.text)
+        vector = await self._embed_bounded(request.text)
         similar: SearchResult = await self._searcher.search_similar(
             vector, k=request.k, label=request.label
         )
         return similar
+
+    async def _embed_bounded(self, text: str) -> list[float]:
+        # Refuse rather than wait: a waiting search would still hold its connection, and the
+        # caller can retry sooner than a queue behind a backlog would answer. Check and count
+        # with no await between them (one event loop), so the bound holds without a lock.
+        if self._similar_running >= self.similar_max_concurrent:
+            if self._on_rejected is not None:
+                self._on_rejected()
+            raise Busy(
+                f"too many /similar requests at once (at most {self.similar_max_concurrent} "
+                "share the engine with the stream): retry after 1 s"
+            )
+        self._similar_running += 1
+        try:
+            vector: list[float] = await self._batcher.embed_query(text)
+            return vector
+        finally:
+            self._similar_running -= 1
 
     def _audit(
         self,
@@ -320,7 +364,11 @@ def register_views(app: faust.App, state: dict[str, Any]) -> None:
     health = state["health"]
     settings: Settings = state["settings"]
     views = SearchViews(
-        batcher=batcher, searcher=state["searcher"], access=SearchAccess.from_settings(settings)
+        batcher=batcher,
+        searcher=state["searcher"],
+        access=SearchAccess.from_settings(settings),
+        similar_max_concurrent=settings.similar_max_concurrent,
+        on_rejected=metrics.similar_rejected.inc,
     )
     host, port = search_bind(settings)
 
