@@ -67,20 +67,49 @@ def open_engine(
             f"engine {manifest.version} needs {exc.name or 'a missing package'}: install it or "
             "activate an onnxruntime engine"
         ) from exc
-    max_seq = min(manifest.max_seq, backend.max_seq_len)
-    tokenizer = Tokenizer(folder / manifest.tokenizer, max_seq)
-    identity = ModelIdentity(
-        name=manifest.model_name,
-        version=manifest.version,
-        backend=manifest.backend,
-        precision=manifest.precision,
-        task=manifest.task,
-        embedding_dim=manifest.embedding_dim,
-    )
-    engine = LoadedEngine(tokenizer, backend, identity, manifest.labels)
+    except Exception as exc:  # the runtime refused the artifact (onnxruntime's own types)
+        raise EngineLoadError(
+            f"engine {manifest.version} cannot be opened: {describe_failure(exc)}"
+        ) from exc
+    try:
+        max_seq = min(manifest.max_seq, backend.max_seq_len)
+        tokenizer = Tokenizer(folder / manifest.tokenizer, max_seq)
+        identity = ModelIdentity(
+            name=manifest.model_name,
+            version=manifest.version,
+            backend=manifest.backend,
+            precision=manifest.precision,
+            task=manifest.task,
+            embedding_dim=manifest.embedding_dim,
+        )
+        engine = LoadedEngine(tokenizer, backend, identity, manifest.labels)
+    except Exception as exc:
+        backend.close()  # the session is open: give its memory back
+        if isinstance(exc, EngineError):
+            raise
+        raise EngineLoadError(
+            f"engine {manifest.version} cannot be opened: {describe_failure(exc)}"
+        ) from exc
     if warmup:
-        engine.warmup()
+        try:
+            engine.warmup()
+        except Exception as exc:
+            # A graph that disagrees with its manifest, or a runtime that cannot run it here,
+            # shows first in the warm-up: one typed, one-line error naming the version.
+            engine.close()
+            raise EngineLoadError(
+                f"engine {manifest.version} failed its warm-up: {describe_failure(exc)}"
+            ) from exc
     return engine
+
+
+def describe_failure(exc: BaseException) -> str:
+    """An exception as one line (runtime errors span lines): ours say what to do as they are;
+    any other is prefixed with its type, which often is the cause (onnxruntime's Fail)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, EngineError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def load_engine(

@@ -7,6 +7,8 @@ Layout of a registry root (default `.inflow/engines/`):
   history.json                       stack of activations; `rollback` pops it
   rollout.json                       the latest shadow or canary of a candidate (RolloutRecord)
   rollout-stats/<worker>.json        each worker's live comparison of the candidate (opaque here)
+  failed.json                        versions that failed to load, warm up or run on a worker
+                                     (FailedRecord each); workers skip them until activated anew
   .lock                              serialises writers (flock)
 Versions are named `v<N>-<backend>-<precision>-<model hash 8>` (N grows by one per build).
 Reading is lock-free: `active_version()` is one small file read, cheap enough to poll.
@@ -43,6 +45,7 @@ HISTORY = "history.json"
 VERSIONS = "versions"
 ROLLOUT = "rollout.json"
 ROLLOUT_STATS = "rollout-stats"
+FAILED = "failed.json"
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 _VERSION_RE = re.compile(r"^v(\d+)-[a-z0-9]+-[a-z0-9]+-[0-9a-f]+$")
@@ -123,6 +126,25 @@ class Manifest:
 StrList = list[str]
 ManifestList = list[Manifest]
 RecordList = list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedRecord:
+    """A version that failed to load, warm up or run somewhere (`failed.json`): workers do not
+    load it again (a restart would only fail the same way) until it is activated anew."""
+
+    version: str
+    reason: str  # one line: the exception's type and message
+    time: str = field(default_factory=_now)
+    worker: str = ""  # who found it (app id, host, pid), empty when unknown
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FailedRecord:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: str(v) for k, v in data.items() if k in known})
+
+
+FailedMap = dict[str, FailedRecord]
 
 SHADOW = "shadow"  # the candidate predicts a share of events beside the active; never published
 CANARY = "canary"  # the candidate predicts and publishes a share of keys; the active the rest
@@ -257,8 +279,9 @@ class Registry:
         return None if version is None else self.get(version)
 
     def embedding_dim(self, version: str | None = None) -> int | None:
-        """The embedding width of `version` (default: the active one); None without one."""
-        version = version or self.active_version()
+        """The embedding width of `version` (default: the one workers serve, `serving_version`:
+        a failed active version's width is not what gets indexed); None without one."""
+        version = version or self.serving_version()
         return None if version is None else self.get(version).embedding_dim
 
     def history(self) -> StrList:
@@ -269,6 +292,41 @@ class Registry:
             return []
         stack = data.get("stack", []) if isinstance(data, dict) else []
         return [str(v) for v in stack]
+
+    def failed(self) -> FailedMap:
+        """Versions marked failed (version -> record). One small file read: cheap to poll.
+        An unreadable file counts as no marks: a worker then tries the version once more."""
+        try:
+            data = json.loads((self.root / FAILED).read_text())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return {}
+        records = data.get("versions", {}) if isinstance(data, dict) else {}
+        out: FailedMap = {}
+        for version, record in records.items() if isinstance(records, dict) else ():
+            if isinstance(record, dict):
+                with contextlib.suppress(TypeError):
+                    out[str(version)] = FailedRecord.from_dict({**record, "version": version})
+        return out
+
+    def last_good(self, failed: FailedMap | None = None) -> str | None:
+        """The newest version of the activation history that still exists and is not marked
+        failed: what a worker serves while the active pointer names a failed version."""
+        marks = self.failed() if failed is None else failed
+        for version in reversed(self.history()):
+            if version not in marks and self.exists(version):
+                return version
+        return None
+
+    def serving_version(self, pinned: str | None = None) -> str | None:
+        """The version a worker serves: `pinned`, else the active one, else (when the active one
+        is marked failed) the newest good one of the history."""
+        if pinned:
+            return pinned
+        active = self.active_version()
+        if active is None:
+            return None
+        marks = self.failed()
+        return active if active not in marks else self.last_good(marks)
 
     def rollout(self) -> RolloutRecord | None:
         """The latest rollout (running or ended), or None. One small file read: cheap to poll."""
@@ -352,7 +410,9 @@ class Registry:
         return manifest
 
     def activate(self, version: str, force: bool = False) -> Manifest:
-        """Point `active` at `version` (verified first). Rejected builds need `force`."""
+        """Point `active` at `version` (verified first). Rejected builds need `force`. Clears
+        its failed mark. It does not load the engine (no onnxruntime here): `inflow engine
+        activate` checks that first; workers contain a version that fails anyway."""
         manifest = self.verify(version)
         if not manifest.accepted and not force:
             why = f": {manifest.reason}" if manifest.reason else ""
@@ -368,20 +428,26 @@ class Registry:
             if not stack or stack[-1] != version:
                 stack.append(version)
             self._write_history(stack)
+            # Activated anew: workers try it again (it may have been fixed, e.g. a package
+            # installed); the mark goes before the pointer moves, so none skips it.
+            self._unmark(version)
             write_atomic(self.root / ACTIVE, version + "\n")
         return manifest
 
     def rollback(self) -> str:
-        """Re-activate the previously active version; returns it."""
+        """Re-activate the previously active version (skipping those marked failed, which
+        workers would not load); returns it."""
         with self._locked():
             stack = self.history()
             current = self.active_version()
             if current is not None and (not stack or stack[-1] != current):
                 stack.append(current)
+            marks = self.failed()
             while len(stack) >= 2:
                 stack.pop()
                 previous = stack[-1]
-                if self.exists(previous):
+                # A failed version would not be served anyway: go back to one workers load.
+                if self.exists(previous) and previous not in marks:
                     verify_files(self.path(previous), self.get(previous))
                     self._write_history(stack)
                     write_atomic(self.root / ACTIVE, previous + "\n")
@@ -411,6 +477,7 @@ class Registry:
             if mode == CANARY:
                 self._check_same_space(self.get(active), manifest)
             record = RolloutRecord(mode, candidate, share, active, rule or RolloutRule())
+            self._unmark(candidate)  # a new rollout is a new attempt, as an activation is
             write_atomic(self.root / ROLLOUT, record.to_json())
             shutil.rmtree(self.root / ROLLOUT_STATS, ignore_errors=True)
         return record
@@ -469,6 +536,31 @@ class Registry:
             manifest.baseline = baseline
             write_atomic(self.path(version) / MANIFEST, manifest.to_json())
         return manifest
+
+    def mark_failed(self, version: str, reason: str, worker: str = "") -> FailedRecord:
+        """Record that `version` failed to load, warm up or run (the first mark is kept: it
+        names who found it first). Workers skip it until `activate` or `start_rollout`."""
+        self.path(version)  # refuses a name that is no version
+        one_line = " ".join(reason.split())[:500]
+        with self._locked():
+            marks = self.failed()
+            if version in marks:  # another worker found it first
+                return marks[version]
+            marks[version] = record = FailedRecord(version, one_line, worker=worker)
+            self._write_failed(marks)
+        return record
+
+    def _unmark(self, version: str) -> None:
+        """Drop `version`'s failed mark (call with the lock held)."""
+        marks = self.failed()
+        if marks.pop(version, None) is not None:
+            self._write_failed(marks)
+
+    def _write_failed(self, marks: FailedMap) -> None:
+        versions = {
+            v: {"reason": r.reason, "time": r.time, "worker": r.worker} for v, r in marks.items()
+        }
+        write_atomic(self.root / FAILED, json.dumps({"versions": versions}, indent=2) + "\n")
 
     def deactivate(self) -> None:
         with self._locked(), contextlib.suppress(FileNotFoundError):

@@ -108,6 +108,12 @@ class LoadedEngine:
                             f"engine {self._identity.version} made {e.shape[1]}-wide embeddings, "
                             f"its manifest says {self._identity.embedding_dim}: rebuild it"
                         )
+                    # Said plainly here: numpy's broadcast error would not name the cause.
+                    if p.shape[1] != len(self.labels):
+                        raise ValueError(
+                            f"engine {self._identity.version} made {p.shape[1]} scores per text, "
+                            f"its manifest lists {len(self.labels)} labels: rebuild it"
+                        )
                     emb = np.zeros((n, e.shape[1]), dtype=np.float32)
                 probs[idx] = p
                 emb[idx] = e

@@ -18,7 +18,6 @@ from typing import Any
 import faust
 
 from engines.drift import Distribution
-from engines.errors import EngineError
 from engines.registry import Registry
 from engines.types import Engine
 from indexer import BulkWriter, EsSettings, ModelIndices, Searcher, ensure_index, index_problem
@@ -28,6 +27,7 @@ from streams.config import Settings
 from streams.drift import DriftWatch
 from streams.eos import TransactionalInfer, eos_group
 from streams.flow import InFlightBudget, record_cost
+from streams.follower import EngineFollower
 from streams.health import WorkerHealth
 from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
@@ -306,44 +306,26 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         if engine_loaded.is_set():
             await rollout.sync()
 
-    failed: set[str] = set()  # versions that failed to load: not retried until activated anew
+    # Follows the active pointer; a version that fails to load, warm up or run is contained
+    # there (kept serving the previous one, marked failed in the registry: streams.follower).
+    follower = EngineFollower(
+        registry,
+        swap=batcher.swap_engine,
+        serving=lambda: batcher.identity,
+        load=lambda version: _load_engine(settings, version),
+        set_health=health.set,
+        swaps=metrics.engine_swaps,
+        failures=metrics.engine_swap_failures,
+        pinned=settings.engine_version or None,
+        worker=f"{settings.app_id}-{socket.gethostname()}-{os.getpid()}",
+    )
 
     @app.timer(interval=settings.engine_poll_s)
     async def follow_registry() -> None:
         """Load the first engine when one exists, then follow the registry's active pointer
-        (unless a version is pinned); a version that fails to load is reported, not retried."""
-        from engines.load import load_engine
-
-        wanted = settings.engine_version or registry.active_version()
-        current = batcher.identity.version if batcher.identity else None
-        if wanted is None:
-            health.set(
-                "engine",
-                f"no active engine in {registry.root}: run the engine-build job "
-                "(`inflow engine ensure`)",
-            )
-            return
-        if wanted == current or wanted in failed:
-            return
-        log.info("engine: loading %s (serving %s)", wanted, current or "nothing yet")
-        try:
-            # load_engine verifies the artifacts and warms the engine up before the swap.
-            identity = await batcher.swap_engine(lambda: load_engine(settings.engine_dir, wanted))
-        except EngineError as exc:
-            failed.add(wanted)
-            metrics.engine_swap_failures.inc()
-            log.error("engine %s failed to load, keeping %s: %s", wanted, current, exc)
-            if current is None:
-                health.set("engine", f"engine {wanted} failed to load: {exc}")
-            return
-        failed.discard(wanted)
-        if current is not None:
-            metrics.engine_swaps.inc()
-        health.set("engine", None)
-        engine_loaded.set()
-        log.info(
-            "engine: now serving %s (%s %s)", identity.version, identity.backend, identity.precision
-        )
+        (unless a version is pinned); a version that fails is contained (streams.follower)."""
+        if await follower.sync() is not None:
+            engine_loaded.set()
 
     from streams.web import register_views
 

@@ -22,6 +22,10 @@ Prometheus metrics (`Metrics.rollout_*`) and as this worker's totals in the regi
 Each worker checks the rollout's rule (`breach`) against its own totals; the first worker that
 finds it broken ends the rollout in the registry (status rolled_back), logs one line and counts
 `inflow_rollout_auto_rollbacks`; every worker then drops the candidate at its next poll.
+
+A candidate that fails to load or warm up (any exception: the active engine is never touched)
+is marked failed in the registry and its rollout ended with the reason, in one ERROR line; no
+worker loads it again until a new rollout or activation of it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from engines.errors import EngineError, NothingToRollBack
+from engines.load import describe_failure
 from engines.registry import (
     CANARY,
     PROMOTED,
@@ -381,6 +386,10 @@ class Rollout:
             return
         if wanted.key in self._failed or not wanted.running:
             return
+        if wanted.candidate in self._registry.failed():
+            # It failed on another worker, which ends the rollout: not loaded here either.
+            self._failed.add(wanted.key)
+            return
         if current is not None:
             await self._drop()
         log.info(
@@ -393,17 +402,48 @@ class Rollout:
         await candidate.start()
         try:
             await candidate.swap_engine(lambda: self._load(wanted.candidate))
-        except EngineError as exc:
+        except Exception as exc:  # any: onnxruntime's own errors, a graph unlike its manifest
             await candidate.stop()
             self._failed.add(wanted.key)
             self._metrics.engine_swap_failures.inc()
-            log.error("rollout: candidate %s failed to load: %s", wanted.candidate, exc)
+            self._end_failed(wanted, exc)
             return
         self.stats = LiveComparison(rollout=wanted.key, worker=self._worker)
         self._written = None
         self._candidate, self._record = candidate, wanted
         self._show_share(None, wanted)
         log.info("rollout: candidate %s serving its share", wanted.candidate)
+
+    def _end_failed(self, record: RolloutRecord, exc: BaseException) -> None:
+        """The candidate failed to load, warm up or run: mark it failed in the registry and end
+        the rollout with the reason, so no worker (now or after a restart) loads it again. The
+        active engine was never touched. One ERROR line, whatever the registry answers."""
+        reason = describe_failure(exc)
+        notes: list[str] = []
+        try:
+            self._registry.mark_failed(record.candidate, reason, worker=self._worker)
+        except Exception as error:
+            notes.append(f"could not mark it failed: {describe_failure(error)}")
+        outcome = "rollout ended"
+        try:
+            self._registry.end_rollout(
+                ROLLED_BACK,
+                f"automatic: candidate {record.candidate} failed to load: {reason}",
+                only=record.key,
+            )
+        except NothingToRollBack:
+            outcome = "rollout ended already"  # another worker found it first
+        except Exception as error:
+            outcome = f"could not end the rollout: {describe_failure(error)}"
+        log.error(
+            "rollout: %s candidate %s failed to load (%s): %s%s",
+            record.mode,
+            record.candidate,
+            outcome,
+            reason,
+            "".join(f"; {note}" for note in notes),
+        )
+        log.debug("rollout: candidate %s load failure", record.candidate, exc_info=exc)
 
     def _show_share(self, old: RolloutRecord | None, new: RolloutRecord | None) -> None:
         gauge = self._metrics.rollout_share

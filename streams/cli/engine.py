@@ -82,6 +82,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     active = registry.active_version()
     rollout = registry.rollout()
     candidate = rollout.candidate if rollout is not None and rollout.running else None
+    failed = registry.failed()
     width = max(len("version"), *(len(m.version) for m in manifests))
     print(f"  {'version':<{width}}  {'status':<8}  {'model':<24}  agreement  cos min  created")
     for m in manifests:
@@ -93,6 +94,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{m.model_name:<24}  {agreement if agreement is None else f'{agreement:9.4f}'}  "
             f"{cos if cos is None else f'{cos:7.4f}'}  {m.created}"
         )
+        mark = failed.get(m.version)
+        if mark is not None:  # workers skip it until it is activated anew
+            where = f" on {mark.worker}" if mark.worker else ""
+            print(f"  {'':<{width}}  failed {mark.time}{where}: {mark.reason}")
+    serving = registry.serving_version()
+    if active is not None and serving != active:
+        print(
+            f"active {active} is marked failed: workers serve {serving or 'nothing'} "
+            "(`inflow engine activate VERSION` picks one)"
+        )
     return 0
 
 
@@ -100,11 +111,33 @@ def _marker(version: str, active: str | None, candidate: str | None) -> str:
     return "*" if version == active else "~" if version == candidate else " "
 
 
+def _check_loads(root: Path, version: str) -> None:
+    """Load and warm `version` up here, as every worker will, before anything points at it: a
+    version that cannot would only fail there (contained, but not served)."""
+    from engines.errors import ActivationRefused, EngineNotFound
+    from engines.load import describe_failure, load_engine
+
+    try:
+        engine = load_engine(root, version)
+    except EngineNotFound:
+        raise
+    except Exception as exc:
+        raise ActivationRefused(
+            f"engine {version} was not activated, it fails its load check: {describe_failure(exc)}"
+        ) from exc
+    engine.close()
+
+
 @_guard
 def cmd_activate(args: argparse.Namespace) -> int:
+    """Activate after the load and warm-up check (`--force` skips the parity gate, never it)."""
     from engines.registry import Registry
 
-    manifest = Registry(_registry_root(args)).activate(args.version, force=args.force)
+    root = _registry_root(args)
+    registry = Registry(root)
+    if registry.get(args.version).accepted or args.force:  # else activate refuses it below
+        _check_loads(root, args.version)
+    manifest = registry.activate(args.version, force=args.force)
     print(f"active engine: {manifest.version}")
     return 0
 
@@ -152,7 +185,11 @@ def _start_rollout(args: argparse.Namespace, mode: str) -> int:
 
     rule = _rule(args)
     assert isinstance(rule, RolloutRule)
-    record = Registry(_registry_root(args)).start_rollout(mode, args.version, args.share, rule)
+    root = _registry_root(args)
+    registry = Registry(root)
+    if registry.get(args.version).accepted:  # else start_rollout refuses it below
+        _check_loads(root, args.version)  # a candidate is loaded by every worker too
+    record = registry.start_rollout(mode, args.version, args.share, rule)
     checks = []
     if rule.min_agreement is not None:
         checks.append(f"label agreement below {rule.min_agreement}")
@@ -372,12 +409,21 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     b.set_defaults(handler=cmd_build)
 
     esub.add_parser(
-        "list", help="versions, status, parity; * marks the active one, ~ a rollout's candidate"
+        "list",
+        help="versions, status, parity; * marks the active one, ~ a rollout's candidate; "
+        "versions that failed on a worker say so",
     ).set_defaults(handler=cmd_list)
 
-    a = esub.add_parser("activate", help="make VERSION the active engine")
+    a = esub.add_parser(
+        "activate",
+        help="make VERSION the active engine once it loads and warms up here; clears a failed mark",
+    )
     a.add_argument("version")
-    a.add_argument("--force", action="store_true", help="allow a build the gate rejected")
+    a.add_argument(
+        "--force",
+        action="store_true",
+        help="allow a build the gate rejected (the load and warm-up check still runs)",
+    )
     a.set_defaults(handler=cmd_activate)
 
     esub.add_parser(

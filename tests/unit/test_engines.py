@@ -26,6 +26,7 @@ from engines.build.parity import Thresholds, compare, cosine_rows
 from engines.errors import (
     ActivationRefused,
     DataError,
+    EngineLoadError,
     EngineNotFound,
     IntegrityError,
     NothingToRollBack,
@@ -746,10 +747,19 @@ def _cli(argv: list[str]) -> int:
     return result
 
 
-def test_cli_list_activate_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _ort_version(reg: Registry, tiny_model: ModelInfo, tiny_onnx: Path, **manifest: Any) -> str:
+    """A registered onnxruntime version of the tiny model (`manifest` overrides fields)."""
+    staging = _ort_folder(tiny_model, tiny_onnx, reg.stage())
+    draft = _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx", **manifest)
+    return reg.commit(staging, draft).version
+
+
+def test_cli_list_activate_rollback(
+    tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     reg = Registry(tmp_path / "reg")
-    v1 = _fake_version(reg).version
-    v2 = _fake_version(reg, status=REJECTED).version
+    v1 = _ort_version(reg, tiny_model, tiny_onnx)
+    v2 = _ort_version(reg, tiny_model, tiny_onnx, status=REJECTED, reason="agreement 0.9")
     root = ["--registry", str(reg.root)]
     assert _cli([*root, "engine", "activate", v1]) == 0
     assert _cli([*root, "engine", "activate", v2]) == 2
@@ -764,6 +774,83 @@ def test_cli_list_activate_rollback(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert _cli([*root, "engine", "verify"]) == 0
     assert _cli([*root, "engine", "activate", "nope"]) == 2
     assert _cli([*root, "engine"]) == 2
+
+
+# A graph that disagrees with its manifest (hashes intact: `verify` passes): the warm-up fails.
+MISMATCHES = {
+    "width": {"embedding_dim": 256},
+    "labels": {"labels": ["negative", "positive"]},
+}
+
+
+@pytest.mark.parametrize("mismatch", sorted(MISMATCHES))
+def test_a_graph_unlike_its_manifest_fails_to_load_with_one_line(
+    tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path, mismatch: str
+) -> None:
+    reg = Registry(tmp_path / "reg")
+    bad = _ort_version(reg, tiny_model, tiny_onnx, **MISMATCHES[mismatch])
+    reg.verify(bad)
+    with pytest.raises(EngineLoadError) as caught:
+        load_engine(reg.root, bad)
+    message = str(caught.value)
+    assert (
+        message.startswith(f"engine {bad} failed its warm-up: ValueError: ") and "\n" not in message
+    )
+    assert ("256" if mismatch == "width" else "2 labels") in message
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_cli_activate_refuses_a_version_that_fails_its_warm_up(
+    tiny_model: ModelInfo,
+    tiny_onnx: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    force: bool,
+) -> None:
+    reg = Registry(tmp_path / "reg")
+    good = _ort_version(reg, tiny_model, tiny_onnx)
+    bad = _ort_version(reg, tiny_model, tiny_onnx, embedding_dim=256)
+    root = ["--registry", str(reg.root)]
+    assert _cli([*root, "engine", "activate", good]) == 0
+    capsys.readouterr()
+    assert _cli([*root, "engine", "activate", bad, *(["--force"] if force else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"inflow: error: engine {bad} was not activated")
+    assert "made 32-wide embeddings, its manifest says 256" in err
+    assert reg.active_version() == good and reg.history() == [good], "the pointer is unchanged"
+    assert _cli([*root, "engine", "shadow", bad]) == 2, "nor may it be a rollout's candidate"
+    assert reg.rollout() is None
+
+
+def test_registry_failed_marks_last_good_and_activation_anew(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg = Registry(tmp_path / "reg")
+    v1, v2, v3 = (_fake_version(reg, payload=p).version for p in (b"1", b"2", b"3"))
+    assert reg.failed() == {} and reg.serving_version() is None
+    for version in (v1, v2, v3):
+        reg.activate(version)
+    first = reg.mark_failed(v3, "ValueError: width\n384", worker="w1")
+    assert first.reason == "ValueError: width 384" and first.worker == "w1" and first.time
+    assert reg.mark_failed(v3, "again", worker="w2") == first, "the first finder is kept"
+    assert reg.failed() == {v3: first}
+    assert json.loads((reg.root / "failed.json").read_text())["versions"][v3]["worker"] == "w1"
+    assert reg.last_good() == v2 and reg.serving_version() == v2
+    assert reg.serving_version(pinned=v3) == v3
+    reg.mark_failed(v2, "RuntimeError: x")
+    assert reg.last_good() == v1 and reg.embedding_dim() == reg.get(v1).embedding_dim
+    assert _cli(["--registry", str(reg.root), "engine", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"failed {first.time} on w1: ValueError: width 384" in out
+    assert f"active {v3} is marked failed: workers serve {v1}" in out
+    assert reg.rollback() == v1, "rollback skips the failed versions workers would not load"
+    reg.activate(v3)
+    assert v3 not in reg.failed() and v2 in reg.failed(), "only the activated one is cleared"
+    reg.mark_failed(v1, "x")
+    reg.mark_failed(v3, "x")
+    assert reg.last_good() is None and reg.serving_version() is None
+    (reg.root / "failed.json").write_text("{not json")
+    assert reg.failed() == {}, "an unreadable file: no marks (each version is tried again)"
 
 
 def test_build_rejects_bad_combinations_fast(tmp_path: Path) -> None:

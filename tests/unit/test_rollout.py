@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -334,5 +335,80 @@ async def test_after_a_promotion_the_candidate_keeps_its_keys_until_the_swap(
     await rollout.sync()
     assert rollout.record is None
     assert (await rollout.submit(key, "x")).model.version == second
+    await rollout.stop()
+    await active.stop()
+
+
+# ------------------------------------------------------------------ a candidate that cannot load
+
+
+class _Broken:
+    """A loader for a candidate that fails its warm-up (not an EngineError: a plain ValueError,
+    as a graph whose width disagrees with its manifest raises)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, version: str) -> FakeEngine:
+        self.calls += 1
+        raise ValueError(f"engine {version} made 384-wide embeddings, its manifest says 256")
+
+
+async def test_a_candidate_that_fails_to_load_ends_its_rollout_and_is_marked_failed(
+    registry: tuple[Registry, str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    reg, first, second = registry
+    record = reg.start_rollout(CANARY, second, 0.5)
+    metrics = Metrics()
+    policy = BatchPolicy(8, 4096, 1)
+    active = Batcher(FakeEngine(first), policy)
+    await active.start()
+    broken = _Broken()
+    workers = [
+        Rollout(active, reg, metrics, policy=policy, load=broken, worker=f"w{i}") for i in (1, 2)
+    ]
+    caplog.set_level(logging.INFO, logger="streams.rollout")
+    for _ in range(3):
+        await workers[0].sync()
+    assert workers[0].record is None and broken.calls == 1, "tried once, never again"
+    ended = reg.rollout()
+    assert ended is not None and ended.status == ROLLED_BACK and ended.key == record.key
+    assert ended.reason.startswith(f"automatic: candidate {second} failed to load: ValueError")
+    mark = reg.failed()[second]
+    assert mark.worker == "w1" and "384-wide" in mark.reason
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert line.startswith(f"rollout: canary candidate {second} failed to load (rollout ended)")
+    assert metrics.total("inflow_engine_swap_failures_total") == 1
+    await workers[1].sync()  # another worker (or a restarted one) does not load it at all
+    assert broken.calls == 1
+    assert (await workers[0].submit(b"k", "i love it")).model.version == first
+    assert reg.active_version() == first
+    for worker in workers:
+        await worker.stop()
+    await active.stop()
+
+
+async def test_a_failed_mark_keeps_a_running_rollouts_candidate_unloaded_until_a_new_rollout(
+    registry: tuple[Registry, str, str],
+) -> None:
+    reg, first, second = registry
+    reg.start_rollout(SHADOW, second, 0.5)
+    reg.mark_failed(second, "RuntimeError: seen on another worker", worker="w0")
+    loads: list[str] = []
+
+    def load(version: str) -> FakeEngine:
+        loads.append(version)
+        return FakeEngine(version)
+
+    metrics, policy = Metrics(), BatchPolicy(8, 4096, 1)
+    active = Batcher(FakeEngine(first), policy)
+    await active.start()
+    rollout = Rollout(active, reg, metrics, policy=policy, load=load, worker="w1")
+    await rollout.sync()
+    assert rollout.record is None and loads == []
+    reg.start_rollout(SHADOW, second, 0.5)  # a new attempt clears the mark
+    assert second not in reg.failed()
+    await rollout.sync()
+    assert rollout.record is not None and loads == [second]
     await rollout.stop()
     await active.stop()
