@@ -1,21 +1,32 @@
 """The Faust app: two thin agents, a timer that follows the engine registry, and web views.
 
-infer agent:  inflow.texts (raw bytes) -> InferStage (decode -> Batcher -> publish) -> ack
-index agent:  inflow.predictions (raw bytes) -> IndexBuffer -> IndexStage (bulk) -> ack
-Both iterate with manual acks (`noack`) and concurrency 1 (faust#606: concurrency > 1 can
-commit past unfinished work); the stages never let one record raise out of an agent.
+infer agent:  inflow.texts (raw bytes) -> InferStage (decode -> Batcher -> publish) -> answer
+index agent:  inflow.predictions (raw bytes) -> IndexBuffer -> IndexStage (bulk) -> answer
+Both iterate with manual acks (`noack`) and concurrency 1; the stages never let one record
+raise out of an agent. Records are answered out of order, and Faust's commit rule commits
+past an unanswered record when acked out of order (faust #606): every answer goes through the
+offset ledger (`streams.ledger`), which acks Faust in offset order only, so a commit never
+passes a record that has no prediction or dead letter yet.
+
+Stopping (and rebalancing) does not wait on Faust's `stream_wait_empty`, which waits for every
+taken record with no bound, so one parked record held SIGTERM for ever: on stop the worker
+waits `INFLOW_DRAIN_TIMEOUT_S` for what it took, and what is still unanswered is simply not
+committed (the next owner takes it again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import faust
+from faust.exceptions import ProducerSendError
 
 from engines.drift import Distribution
 from engines.registry import Registry
@@ -31,12 +42,15 @@ from streams.follower import EngineFollower
 from streams.health import WorkerHealth
 from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
-from streams.kafka import client_options, faust_credentials
+from streams.kafka import InflowApp, client_options, faust_credentials
 from streams.lag import ConsumerLag, LagSample, LagUnavailable, merge_samples
+from streams.ledger import OffsetLedger
 from streams.logs import install_repeat_filter
 from streams.metrics import Metrics
+from streams.records import MAX_REQUEST_SIZE, RecordLimits
 from streams.retry import RetryPolicy
 from streams.rollout import Rollout
+from streams.topics import max_message_bytes, topic_names
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +73,21 @@ def es_settings(settings: Settings) -> EsSettings:
 
 
 class _FaustPublisher:
-    """Publisher over Faust's producer: returns once the broker acknowledged the record."""
+    """Publisher over Faust's producer: returns once the broker acknowledged the record.
+
+    The producer itself, not a Faust channel: a channel's send wraps the outcome in Faust's
+    FutureMessage, which logs "exception was never retrieved" for every refused record."""
 
     def __init__(self, app: faust.App) -> None:
         self._app = app
-        self._topics: dict[str, Any] = {}
 
     async def publish(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None
     ) -> None:
-        channel = self._topics.get(topic)
-        if channel is None:
-            channel = self._topics[topic] = self._app.topic(
-                topic, key_serializer="raw", value_serializer="raw"
-            )
-        # force=True: send now instead of attaching to the current event (which would defer
-        # the send to the commit, while our commit waits for this send).
-        delivered = await channel.send(key=key, value=value, headers=headers, force=True)
+        try:
+            delivered = await self._app.producer.send(topic, key, value, None, None, headers)
+        except ProducerSendError as exc:  # aiokafka's own error, whose class says retriable
+            raise (exc.__cause__ or exc) from None
         await delivered
 
 
@@ -85,7 +97,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     bootstrap = settings.require_kafka()
     datadir = settings.state_dir / "faust"
     datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
-    app = faust.App(
+    app = InflowApp(
         settings.app_id,
         broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
         broker_credentials=faust_credentials(settings),
@@ -106,8 +118,10 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         # (the index agent's writes are idempotent by id).
         processing_guarantee="at_least_once",
         producer_acks=-1,
-        producer_max_request_size=4 * 1024 * 1024,
-        stream_wait_empty=True,  # on stop: wait until every taken record is acked (drain)
+        producer_max_request_size=MAX_REQUEST_SIZE,
+        # Not Faust's unbounded wait for every taken record (on stop and on each rebalance):
+        # the bounded drain in _stop below; what is unanswered then is not committed.
+        stream_wait_empty=False,
         web_enabled=True,
         web_bind=settings.web_host,
         web_host=settings.web_host,
@@ -119,7 +133,12 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         datadir=str(datadir / settings.app_id),
         logging_config=None,
     )
+    exactly_once = settings.processing_guarantee == "exactly_once"
+    # exactly_once: the predictions come in transactions; index only committed ones.
+    app.read_committed = exactly_once
     metrics = Metrics()
+    ledger = OffsetLedger()  # every answer goes through it: Faust sees acks in offset order
+    limits = RecordLimits()  # the topics' size limits, read from the broker at start
     repeats = install_repeat_filter()  # broker outages: one line and a count, not thousands
 
     def on_fault(condition: str, reason: str | None) -> None:
@@ -151,6 +170,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         max_in_flight=settings.max_in_flight,
         retry=retry,
         rollout=rollout,
+        limits=limits,
     )
     # One client for the writer and the searcher; the index is ensured at start (below).
     es = es_settings(settings).make_client()
@@ -162,7 +182,9 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         observer=metrics,
         route=ModelIndices(es, settings.es_alias).target,
     )
-    index_stage = IndexStage(writer, publisher, settings.predictions_dlq_topic, metrics, retry)
+    index_stage = IndexStage(
+        writer, publisher, settings.predictions_dlq_topic, metrics, retry, limits=limits
+    )
     index_buffer = IndexBuffer(index_stage, settings.index_batch_size, settings.index_max_wait_ms)
     searcher = Searcher(client=es, alias=settings.es_alias)
     app_state.update(
@@ -182,9 +204,8 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     texts = topic(settings.texts_topic)
     predictions = topic(settings.predictions_topic)
     engine_loaded = asyncio.Event()
-    exactly_once = settings.processing_guarantee == "exactly_once"
     transactional = (
-        TransactionalInfer(settings, batcher, metrics, retry, rollout=rollout)
+        TransactionalInfer(settings, batcher, metrics, retry, rollout=rollout, limits=limits)
         if exactly_once
         else None
     )
@@ -229,21 +250,28 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         async def infer(stream: Any) -> None:
             await ready.wait()
             async for event in stream.noack().events():
-                record = await input_record(event, budget)
+                record = await input_record(event, budget, ledger)
                 await infer_stage.handle(record)
 
     @app.agent(predictions, concurrency=1)
     async def index(stream: Any) -> None:
         await ready.wait()
         async for event in stream.noack().events():
-            record = await input_record(event, budget)
+            record = await input_record(event, budget, ledger)
             await index_buffer.add(record)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
+        # A new generation: what waits in the ledger for a revoked partition is redone by
+        # its next owner from the committed offset; its answers here release nothing.
+        ledger.revoke(revoked)
 
     @app.task
     async def _start() -> None:
         await batcher.start()
         for lag in lags:
             await lag.start()
+        await read_limits()
 
         # Elasticsearch may come up after the worker: retry what may pass later rather than
         # crash; a permanent refusal (credentials, a name taken by an index) is one line and
@@ -270,15 +298,42 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         ready.set()
         health.set("agents", None)
 
+    async def read_limits() -> None:
+        """The topics' `max.message.bytes`, so an output too large is known before sending."""
+        topics = topic_names(settings)
+        try:
+            found = await retry.with_backoff(1.0, 15.0).call(
+                lambda: max_message_bytes(settings, topics),
+                what="read the topics' max.message.bytes",
+                condition="kafka",
+                per_record=lambda _exc: True,  # permanent (e.g. not allowed): defaults below
+            )
+        except Exception as exc:
+            log.warning(
+                "cannot read the topics' max.message.bytes (%s: %s): assuming Kafka's default; "
+                "a record the broker refuses for its size is still dead-lettered",
+                type(exc).__name__,
+                exc,
+            )
+            return
+        limits.update(found)
+        log.info("record limits: %s", ", ".join(f"{t} {limits.max_bytes(t)} B" for t in topics))
+
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _stop(app: faust.App, **kwargs: Any) -> None:
-        # Runs after the consumer stopped fetching and waited for every taken record
-        # to be acked (stream_wait_empty); what is left here is already answered.
+        # Runs after the consumer stopped fetching, before its final commit. Records taken
+        # get INFLOW_DRAIN_TIMEOUT_S in all to be answered; the rest are not committed.
+        deadline = time.monotonic() + settings.drain_timeout_s
         if transactional is not None:
             await transactional.stop()
-        await infer_stage.drain()
+        await infer_stage.stop(settings.drain_timeout_s)
         await rollout.stop()
-        await index_buffer.stop()
+        try:
+            await asyncio.wait_for(index_buffer.stop(), max(1.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("stop: the index batch was not written in time: not committed")
+        with contextlib.suppress(Exception):  # the commit of what was answered, now
+            await app.consumer.commit()
         await batcher.stop()
         await writer.stop()
         await searcher.stop()
@@ -339,24 +394,23 @@ def _load_engine(settings: Settings, version: str) -> Engine:
     return load_engine(settings.engine_dir, version)
 
 
-async def input_record(event: Any, budget: InFlightBudget) -> InputRecord:
-    """The raw record of a Faust event (original key and value bytes, Kafka timestamp), its ack;
-    waits for room under the in-flight ceiling, given back on ack."""
+async def input_record(event: Any, budget: InFlightBudget, ledger: OffsetLedger) -> InputRecord:
+    """The raw record of a Faust event (original key and value bytes, Kafka timestamp) and its
+    answer callback; waits for room under the in-flight ceiling. The room is given back, and
+    Faust's event acked, when the ledger releases the record (in offset order)."""
     message = event.message
     cost = record_cost(message.key, message.value)
     await budget.acquire(cost)
-
-    def ack() -> None:
-        budget.release(cost)
-        event.ack()
-
+    answer = ledger.take(
+        (message.topic, message.partition), message.offset, event.ack, lambda: budget.release(cost)
+    )
     return InputRecord(
         message.topic,
         message.partition,
         message.offset,
         message.key,
         message.value,
-        ack,
+        answer,
         timestamp=message.timestamp,
         headers=header_list(message.headers),
     )

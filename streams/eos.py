@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -43,9 +44,10 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from streams.batcher import Batcher
 from streams.config import Settings
-from streams.infer import Headers, InferStage, InferTopics, InputRecord
+from streams.infer import InferStage, InferTopics
 from streams.kafka import client_options
 from streams.metrics import Metrics
+from streams.records import MAX_REQUEST_SIZE, Headers, InputRecord, RecordLimits
 from streams.retry import RetryPolicy
 from streams.rollout import Rollout
 
@@ -82,8 +84,10 @@ class TransactionalInfer:
         metrics: Metrics,
         retry: RetryPolicy | None = None,
         rollout: Rollout | None = None,
+        limits: RecordLimits | None = None,
     ) -> None:
         self._settings = settings
+        self._limits = limits or RecordLimits()
         self._batcher = batcher
         self._rollout = rollout  # a shadow's or canary's candidate (streams.rollout)
         self._metrics = metrics
@@ -150,7 +154,7 @@ class TransactionalInfer:
             enable_idempotence=True,
             acks="all",
             linger_ms=5,
-            max_request_size=4 * 1024 * 1024,
+            max_request_size=MAX_REQUEST_SIZE,
             transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
         )
         try:
@@ -189,7 +193,7 @@ class TransactionalInfer:
             await self._retry.call(
                 lambda: self._transact(tp, outputs, last + 1, generation),
                 what=f"exactly-once transaction for {tp.topic}[{tp.partition}] {first}-{last}",
-                condition=None,  # a parked transaction stalls the partition: /health/live
+                condition="kafka",  # a parked transaction: not ready, with the reason
                 per_record=lambda exc: isinstance(exc, _Revoked),  # not retried: redone
             )
         except asyncio.CancelledError:
@@ -216,6 +220,9 @@ class TransactionalInfer:
             self.committed_batches += 1
 
     async def _predict(self, messages: Any) -> list[Output]:
+        """Every message's prediction or dead letter, for one transaction. The infer stage turns
+        anything that belongs to one record into its dead letter; should a record still end
+        unanswered, this raises: the transaction is not committed and the batch is redone."""
         collector = _Collector()
         stage = InferStage(
             self._batcher,
@@ -224,7 +231,13 @@ class TransactionalInfer:
             self._metrics,
             max_in_flight=len(messages),
             rollout=self._rollout,
+            limits=self._limits,
         )
+        answered: set[int] = set()
+
+        def answer(offset: int) -> Callable[[], None]:
+            return lambda: answered.add(offset)
+
         for message in messages:
             await stage.handle(
                 InputRecord(
@@ -233,12 +246,15 @@ class TransactionalInfer:
                     message.offset,
                     message.key,
                     message.value,
-                    _noop,
+                    answer(message.offset),
                     timestamp=message.timestamp / 1000 if message.timestamp else None,
                     headers=list(message.headers) or None,
                 )
             )
         await stage.drain()
+        missing = [m.offset for m in messages if m.offset not in answered]
+        if missing:
+            raise RuntimeError(f"offsets {missing} ended with no prediction or dead letter")
         return collector.outputs
 
     async def _transact(
@@ -324,10 +340,6 @@ class _Fenced(KafkaError):
     partition (a zombie of ours, or a new owner before our revocation ran): retried."""
 
     retriable = True
-
-
-def _noop() -> None:
-    return None
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

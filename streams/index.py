@@ -17,9 +17,10 @@ import msgspec
 
 from indexer import BulkOutcome
 from indexer.client import describe_es_error
-from schemas import DecodeError, ErrorCode, Stage, dead_letter_headers, decode_prediction
-from streams.infer import InputRecord, Publisher
+from schemas import DecodeError, ErrorCode, Stage, decode_prediction
+from streams.deadletter import DeadLetterWriter
 from streams.metrics import Metrics
+from streams.records import InputRecord, Publisher, RecordLimits
 from streams.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,12 @@ class IndexStage:
         dlq_topic: str,
         metrics: Metrics,
         retry: RetryPolicy | None = None,
+        limits: RecordLimits | None = None,
     ) -> None:
         self._retry = retry or RetryPolicy()
         self._bulk_retry = self._retry.with_backoff(1.0, 30.0)
         self._writer = writer
-        self._publisher = publisher
+        self._dead_letters = DeadLetterWriter(publisher, metrics, self._retry, limits)
         self._dlq_topic = dlq_topic
         self._metrics = metrics
 
@@ -87,22 +89,7 @@ class IndexStage:
         self, record: InputRecord, error: DecodeError, engine_version: str | None = None
     ) -> None:
         stage = Stage.INDEX if error.code == ErrorCode.INDEX_REJECTED else Stage.DECODE
-        headers = dead_letter_headers(
-            error,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            stage=stage,
-            replay_count=record.replay_count,
-            engine_version=engine_version,
-        )
-        value = record.value  # a tombstone stays a tombstone (None)
-
-        async def send() -> None:
-            await self._publisher.publish(self._dlq_topic, record.key, value, headers)
-
-        await self._retry.call(send, what=f"publish to {self._dlq_topic}", condition=None)
-        self._metrics.dead_letters.labels(code=error.code).inc()
+        await self._dead_letters.send(self._dlq_topic, record, error, stage, engine_version)
 
 
 class IndexBuffer:

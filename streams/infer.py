@@ -1,23 +1,25 @@
-"""The infer stage: raw input record -> one prediction or one dead letter, then ack.
+"""The infer stage: raw input record -> one prediction or one dead letter, then answer.
 
-Independent of Faust: the agent hands each record over as an `InputRecord` with an `ack`
-callback, and output goes through the small `Publisher` interface. An input offset becomes
-committable (ack) only after its prediction or dead letter was acknowledged by the broker.
+Independent of Faust: the agent hands each record over as an `InputRecord` whose `ack` is the
+offset ledger's answer (`streams.ledger`), and output goes through the small `Publisher`
+interface. A record is answered only after its prediction or dead letter was acknowledged by
+the broker. Nothing that belongs to one record stops it from ending somewhere: bad input, an
+engine that fails on the text, a prediction over the predictions topic's size limit (checked
+before sending, `streams.records.RecordLimits`, and on the broker's refusal), and any
+unexpected error while processing it each become a dead letter with their own code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from schemas import (
-    HEADER_REPLAY_COUNT,
     DecodeError,
     ErrorCode,
     ModelRef,
@@ -25,54 +27,28 @@ from schemas import (
     Source,
     Stage,
     TextEvent,
-    dead_letter_headers,
     decode_event,
     encode_prediction,
     now_rfc3339,
-    replay_count,
     rfc3339_from_ms,
 )
 from streams.batcher import Batcher, InferenceFailed, ItemResult
+from streams.deadletter import DeadLetterWriter
 from streams.metrics import Metrics
-from streams.retry import RetryPolicy
+from streams.records import (
+    Headers,
+    InputRecord,
+    Publisher,
+    RecordLimits,
+    carried_headers,
+    record_size,
+)
+from streams.retry import RetryPolicy, is_record_too_large
 from streams.rollout import CandidateFailed, Rollout, route_key
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
-
-
-class Publisher(Protocol):
-    async def publish(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None = None
-    ) -> None:
-        """Return once the broker acknowledged the record (raise if it did not). A None value
-        is a tombstone (a Kafka null), not empty bytes."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class InputRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    ack: Callable[[], object]
-    timestamp: float | None = None  # the record's Kafka timestamp, seconds since the epoch
-    headers: Headers | None = None  # the record's Kafka headers
-
-    @property
-    def replay_count(self) -> int:
-        """How often `inflow dlq replay` put this record back (its `inflow.replay.count`)."""
-        return replay_count(self.headers)
-
-
-def carried_headers(record: InputRecord) -> Headers | None:
-    """The headers an output of `record` carries on: its replay count, so that a replayed
-    event that fails again downstream keeps it (`inflow dlq replay` refuses endless loops)."""
-    count = record.replay_count
-    return [(HEADER_REPLAY_COUNT, str(count).encode())] if count else None
+__all__ = ["Headers", "InferStage", "InferTopics", "InputRecord", "Publisher", "build_prediction"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +58,7 @@ class InferTopics:
 
 
 class InferStage:
-    """Decode -> batch -> publish -> ack, with at most `max_in_flight` records open."""
+    """Decode -> batch -> publish -> answer, with at most `max_in_flight` records open."""
 
     def __init__(
         self,
@@ -93,6 +69,7 @@ class InferStage:
         max_in_flight: int = 256,
         retry: RetryPolicy | None = None,
         rollout: Rollout | None = None,
+        limits: RecordLimits | None = None,
     ) -> None:
         """With `rollout`, texts go through it (a candidate engine may take a share of keys,
         streams.rollout); without, straight to `batcher`."""
@@ -102,9 +79,10 @@ class InferStage:
         self._publisher = publisher
         self._topics = topics
         self._metrics = metrics
+        self._limits = limits or RecordLimits()
+        self._dead_letters = DeadLetterWriter(publisher, metrics, self._retry, self._limits)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = False
 
     @property
     def in_flight(self) -> int:
@@ -122,45 +100,101 @@ class InferStage:
         self._slots.release()
 
     async def drain(self) -> None:
-        """Wait until every record taken so far is answered and acked."""
+        """Wait until every record taken so far is answered."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    async def stop(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the records taken so far; cancel the rest (unanswered,
+        so never committed: the partition's next owner takes them again). Returns how many."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drain(), timeout_s)
+        left = list(self._tasks)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        if left:
+            log.warning(
+                "stop: %d records still unanswered after %.0fs (parked or in flight): not "
+                "committed, the next owner of their partitions takes them again",
+                len(left),
+                timeout_s,
+            )
+        return len(left)
+
     async def _process(self, record: InputRecord) -> None:
         self._metrics.events_in.inc()
+        try:
+            await self._answer(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug met by this record: it still ends as a dead letter
+            log.error(
+                "%s:%d:%d: processing failed (%s: %s): dead-lettered",
+                record.topic,
+                record.partition,
+                record.offset,
+                type(exc).__name__,
+                exc,
+            )
+            error = DecodeError(ErrorCode.PROCESSING_FAILED, f"{type(exc).__name__}: {exc}")
+            await self._dead_letters.send(self._topics.dead_letters, record, error, Stage.INFER)
+        record.ack()
+
+    async def _answer(self, record: InputRecord) -> None:
         decoded = decode_event(
             record.value, topic=record.topic, partition=record.partition, offset=record.offset
         )
         if isinstance(decoded, DecodeError):
             await self._dead_letter(record, decoded, Stage.DECODE)
-        else:
-            try:
-                if self._rollout is not None:
-                    key = route_key(record.key, decoded.id)
-                    result = await self._rollout.submit(key, decoded.text)
-                else:
-                    result = await self._batcher.submit(decoded.text)
-            except InferenceFailed as exc:
-                error = DecodeError(ErrorCode.INFERENCE_FAILED, str(exc))
-                version = exc.version if isinstance(exc, CandidateFailed) else None
-                await self._dead_letter(record, error, Stage.INFER, version)
+            return
+        try:
+            if self._rollout is not None:
+                key = route_key(record.key, decoded.id)
+                result = await self._rollout.submit(key, decoded.text)
             else:
-                await self._publish_prediction(record, decoded, result)
-        record.ack()
+                result = await self._batcher.submit(decoded.text)
+        except InferenceFailed as exc:
+            error = DecodeError(ErrorCode.INFERENCE_FAILED, str(exc))
+            version = exc.version if isinstance(exc, CandidateFailed) else None
+            await self._dead_letter(record, error, Stage.INFER, version)
+            return
+        await self._publish_prediction(record, decoded, result)
 
     async def _publish_prediction(
         self, record: InputRecord, event: TextEvent, result: ItemResult
     ) -> None:
         prediction = build_prediction(record, event, result)
-        value = encode_prediction(prediction)
-        await self._send(
-            self._topics.predictions, event.id.encode(), value, carried_headers(record)
+        topic = self._topics.predictions
+        key, value, headers = (
+            event.id.encode(),
+            encode_prediction(prediction),
+            carried_headers(record),
         )
+        limit = self._limits.max_bytes(topic)
+        size = record_size(key, value, headers)
+        if size > limit:
+            too_large = f"the prediction takes {size} bytes, over the {limit} that {topic} takes"
+            await self._too_large(record, too_large, result)
+            return
+        try:
+            await self._send(topic, key, value, headers)
+        except Exception as exc:  # only a refusal for size comes back (per_record below)
+            await self._too_large(record, f"{topic} refused the prediction: {exc}", result)
+            return
         self._metrics.observe_prediction(
             prediction.model.version, prediction.label, prediction.scores
         )
         self._metrics.queue_ms.observe(result.queue_ms)
         self._metrics.observe_published(event.ts_ms, record.timestamp)
+
+    async def _too_large(self, record: InputRecord, why: str, result: ItemResult) -> None:
+        error = DecodeError(
+            ErrorCode.PREDICTION_TOO_LARGE,
+            f"{why} (max.message.bytes / max_request_size): shorten the event's metadata "
+            "or raise the topic's limit, then replay",
+        )
+        await self._dead_letter(record, error, Stage.PUBLISH, result.model.version)
 
     async def _dead_letter(
         self, record: InputRecord, error: DecodeError, stage: Stage, version: str | None = None
@@ -169,26 +203,7 @@ class InferStage:
         identity = self._batcher.identity if stage == Stage.INFER else None
         if version is None and identity is not None:
             version = identity.version
-        headers = dead_letter_headers(
-            error,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            stage=stage,
-            replay_count=record.replay_count,
-            engine_version=version,
-        )
-        # The value stays the original bytes; a tombstone stays a tombstone (None, not b"").
-        await self._send(self._topics.dead_letters, record.key, record.value, headers)
-        self._metrics.dead_letters.labels(code=error.code).inc()
-        log.info(
-            "dead letter %s:%d:%d %s: %s",
-            record.topic,
-            record.partition,
-            record.offset,
-            error.code,
-            error.message,
-        )
+        await self._dead_letters.send(self._topics.dead_letters, record, error, stage, version)
 
     async def _send(
         self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None
@@ -196,14 +211,15 @@ class InferStage:
         async def attempt() -> None:
             await self._publisher.publish(topic, key, value, headers)
 
-        # Retriable errors are retried; a permanent one (a topic that refuses the record,
-        # authorization) parks this record unacked: one ERROR line, and the stalled consumer
-        # fails /health/live (streams.retry); Kafka's own readiness is the worker's probe.
+        # Retriable errors are retried (a long outage turns readiness condition `kafka`
+        # not-ready); a refusal for size is this record's own (raised: a dead letter); any
+        # other permanent error (authorization) parks this record unanswered: one ERROR line.
         await self._retry.call(
             attempt,
             what=f"publish to {topic}",
-            condition=None,
+            condition="kafka",
             on_retry=lambda _attempt, _exc: self._metrics.publish_retries.inc(),
+            per_record=is_record_too_large,
         )
 
 

@@ -23,6 +23,9 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.drivers.aiokafka import Consumer as FaustAIOKafkaConsumer
+from faust.transport.drivers.aiokafka import Transport as FaustAIOKafkaTransport
 from faust.types.auth import SASLMechanism
 
 from streams.config import ConfigError, Settings
@@ -178,3 +181,33 @@ async def connection_problem(settings: Settings, timeout_s: float = 10.0) -> str
         return describe_connection_error(settings, exc)
     conn.close()
     return None
+
+
+class _ReadCommittedConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc]
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # Faust reads read_committed only under its own exactly_once, which Inflow does not use
+        # (streams.eos); aiokafka takes the level from this attribute when the consumer starts.
+        consumer._isolation_level = "read_committed"
+        return consumer
+
+
+class _ReadCommittedConsumer(FaustAIOKafkaConsumer):  # type: ignore[misc]
+    def _new_consumer_thread(self) -> _ReadCommittedConsumerThread:
+        return _ReadCommittedConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _ReadCommittedTransport(FaustAIOKafkaTransport):  # type: ignore[misc]
+    Consumer = _ReadCommittedConsumer
+
+
+class InflowApp(faust.App):  # type: ignore[misc]
+    """A Faust app whose agents can read `read_committed`: in exactly-once mode the predictions
+    come in transactions, and the index agent must not index an aborted one's records."""
+
+    read_committed: bool = False
+
+    def _new_transport(self) -> Any:
+        if not self.read_committed:
+            return super()._new_transport()
+        return _ReadCommittedTransport(self.conf.broker_consumer, self)

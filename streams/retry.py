@@ -168,7 +168,8 @@ class RetryPolicy:
                         self.recheck_s,
                         reason,
                     )
-                    on_fault(name, reason)
+                    # the default description names the error, not the call: say which call
+                    on_fault(name, f"{what}: {reason}" if describe is _describe else reason)
                     faulted = reason
                 else:
                     log.debug("%s still failing (check %d): %s", what, checks, reason)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from streams.config import Settings
 from streams.errors import KafkaUnavailable
@@ -73,3 +74,30 @@ def kafka_unavailable(settings: Settings, exc: BaseException) -> KafkaUnavailabl
         f"cannot reach Kafka at {settings.kafka_bootstrap} "
         f"({settings.kafka_security_protocol}): {problem}"
     )
+
+
+async def max_message_bytes(settings: Settings, topics: list[str]) -> dict[str, int]:
+    """Each topic's `max.message.bytes` as the broker has it (its own or the broker default):
+    the largest record batch it takes (`streams.records.RecordLimits`)."""
+    admin: AIOKafkaAdminClient = admin_client(settings)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, name, {"max.message.bytes": None})
+                for name in topics
+            ]
+        )
+    finally:
+        await admin.close()
+    limits: dict[str, int] = {}
+    for response in responses:
+        # resources: (error_code, error_message, resource_type, name, config entries), each
+        # entry (name, value, read_only, ...) in every version of DescribeConfigsResponse
+        for error_code, error_message, _type, name, entries in response.resources:
+            if error_code:
+                raise for_code(error_code)(f"describe configs of {name}: {error_message}")
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and entry[1] is not None:
+                    limits[name] = int(entry[1])
+    return limits

@@ -76,7 +76,10 @@ async def test_a_permanent_system_error_parks_once_not_ready_then_resumes(
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1, "one clear line, however long it lasts"
     assert "permanent error" in errors[0].getMessage() and "HTTP 401" in errors[0].getMessage()
-    assert faults == [("index", "IndexRequestError: bulk refused: HTTP 401"), ("index", None)]
+    assert faults == [
+        ("index", "bulk index: IndexRequestError: bulk refused: HTTP 401"),
+        ("index", None),
+    ]
 
 
 async def test_a_per_record_permanent_error_is_raised_for_the_dead_letter() -> None:
