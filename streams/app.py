@@ -272,6 +272,11 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         for lag in lags:
             await lag.start()
         await read_limits()
+        # The engine first: the index takes the width of the version this worker serves (a
+        # failed active version is skipped by the follower, streams.follower).
+        await engine_loaded.wait()
+        identity = batcher.identity
+        dims = identity.embedding_dim if identity is not None else None
 
         # Elasticsearch may come up after the worker: retry what may pass later rather than
         # crash; a permanent refusal (credentials, a name taken by an index) is one line and
@@ -280,9 +285,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
             return f"cannot set up alias {settings.es_alias}: {describe_es_error(exc)}"
 
         await retry.with_backoff(1.0, 15.0).call(
-            lambda: ensure_index(
-                es, settings.es_alias, dims=registry.embedding_dim(settings.engine_version)
-            ),
+            lambda: ensure_index(es, settings.es_alias, dims=dims),
             what=f"create index template and alias {settings.es_alias}",
             condition="elasticsearch",
             on_retry=lambda _attempt, exc: health.set("elasticsearch", setup_problem(exc)),
@@ -292,7 +295,6 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         await writer.start()
         await searcher.start()
         await index_buffer.start()
-        await engine_loaded.wait()  # the engine follower below loads the first one
         if transactional is not None:  # exactly_once: texts are consumed in transactions
             await transactional.start()
         ready.set()
