@@ -152,6 +152,8 @@ def encode_action(action: Mapping[str, Any]) -> bytes:
         return dumps(header) + b"\n" + dumps(action["_source"]) + b"\n"
     except (TypeError, ValueError) as exc:
         raise ValueError(f"document is not valid JSON: {exc}") from exc
+    except RecursionError:  # metadata nested deeper than the encoder goes: this document only
+        raise ValueError("document is nested too deeply to encode as JSON") from None
 
 
 def chunk_actions(

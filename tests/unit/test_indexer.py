@@ -141,6 +141,18 @@ def test_action_id_is_the_event_id_and_encodes_to_two_lines() -> None:
     assert tail == b""
 
 
+def test_metadata_too_deep_to_encode_is_a_value_error_of_that_document() -> None:
+    """Found by the worker fuzz run: metadata ~330 levels deep (the decoder takes ~1,000) raised
+    RecursionError out of the bulk writer, which parked every document of the batch for good."""
+    deep: dict[str, object] = {"leaf": 1}
+    for _ in range(2_000):
+        deep = {"k": deep}
+    doc = prediction(3)
+    doc["metadata"] = deep
+    with pytest.raises(ValueError, match="nested too deeply"):
+        encode_action(build_action(doc))
+
+
 def test_latency_is_derived_when_both_times_are_known() -> None:
     doc = prediction(1, event_ts="2024-05-01T11:59:58.750Z")
     action = build_action(doc)
