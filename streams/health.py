@@ -4,8 +4,12 @@ Ready (take traffic, count as a serving replica): an engine is loaded, Elasticse
 and the alias exists, the agents started, and the consumer group gave this worker partitions.
 Live (do not restart me): no assigned partition has lag above zero while its committed offset
 stands still for longer than `stall_after_s` — the known Faust failure where the consumer stops
-fetching while lag grows. A stall that readiness already explains (no engine yet, Elasticsearch
-down) is not a liveness failure: restarting the worker would not bring the dependency back.
+fetching while lag grows. Lag counts records still to consume: the transaction markers (and
+aborted records) an exactly-once writer leaves past its last record are not lag (`streams.lag`
+probes for them), so an idle exactly-once worker stays live; a gap holding one real record, or
+one the probe could not decide, still counts. A stall that readiness already explains (no
+engine yet, Elasticsearch down) is not a liveness failure: restarting the worker would not
+bring the dependency back.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from streams.lag import LagSample
 
 OK = "ok"
 # Readiness conditions that explain a stalled consumer (see `WorkerHealth.live`).
-EXPLAINS_STALL = ("engine", "elasticsearch", "index")
+EXPLAINS_STALL = ("engine", "elasticsearch", "index", "kafka")
 
 
 @dataclass(frozen=True, slots=True)

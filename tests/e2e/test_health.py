@@ -5,18 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engines.build.data import sample_texts
 from engines.registry import Registry
@@ -24,7 +25,7 @@ from schemas import encode_event
 from streams.dev.services import free_port
 from tests.chaos.harness import read_all
 from tests.e2e.conftest import ROOT, Names, Worker, WorkerFactory, read_topic
-from tests.e2e.test_pipeline import _produce
+from tests.e2e.test_pipeline import _indexed_ids, _produce
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
@@ -213,61 +214,110 @@ async def test_workers_wait_for_the_build_job_and_never_build(
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_live_fails_when_the_consumer_stalls_with_lag(
-    workers: WorkerFactory, names: Names, kafka_bootstrap: str, guarantee: str
+    workers: WorkerFactory, names: Names, kafka_bootstrap: str, es_url: str, guarantee: str
 ) -> None:
-    # A predictions topic that refuses every record (max.message.bytes below any prediction,
-    # above a transaction marker: the broker gives up on a transaction whose marker it refuses):
-    # the worker keeps its batch open (at least once: the publish is parked; exactly once:
-    # each transaction aborts), commits nothing, and lag on the texts topic stays above zero.
-    # Engine and Elasticsearch are fine, so nothing excuses the stall. (aiokafka commits a
-    # transaction whose produce batch failed; exactly once lost all 8 events this way.)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(names.predictions, 4, 1, topic_configs={"max.message.bytes": "1024"})]
-        )
-        worker = workers.start(
-            INFLOW_STALL_AFTER_S="4",
-            INFLOW_HEALTH_POLL_S="1",
-            INFLOW_PERMANENT_RECHECK_S="2",
-            INFLOW_PROCESSING_GUARANTEE=guarantee,
-        )
-        live = await asyncio.to_thread(worker.probe, "/health/live")
-        assert live is not None and live[0] == 200, live
-        texts = sample_texts(8, seed=3)
-        sent = [f"s-{i}" for i in range(len(texts))]
-        await _produce(
-            kafka_bootstrap,
-            names.texts,
-            [(eid.encode(), encode_event(t, id=eid)) for eid, t in zip(sent, texts, strict=True)],
-        )
-        _status, body = await _until(worker, "/health/live", lambda s, _: s == 503, 90)
-        reason = str(body["reason"])
-        assert f"{names.texts}[" in reason and "no progress" in reason, body
-        ready = await asyncio.to_thread(worker.probe, "/health/ready")
-        assert ready is not None and ready[0] == 200, "its dependencies are fine: only live fails"
-        assert await read_all(kafka_bootstrap, names.predictions, read_committed=True) == []
+    # The index stage holds its batch (a size above the events sent, a wait far beyond the
+    # test): it indexes nothing and its group commits nothing, so lag on the predictions topic
+    # stays above zero while the texts are answered. Exactly once, those predictions lie among
+    # transaction markers: real records behind markers are lag, and the stall is not excused.
+    # Engine and Elasticsearch are fine, so nothing excuses it. (A predictions topic that
+    # refuses every record no longer stalls the worker: each prediction becomes a dead letter.)
+    worker = workers.start(
+        INFLOW_STALL_AFTER_S="4",
+        INFLOW_HEALTH_POLL_S="1",
+        INFLOW_PROCESSING_GUARANTEE=guarantee,
+        INFLOW_INDEX_BATCH_SIZE="500",
+        INFLOW_INDEX_MAX_WAIT_MS="600000",
+    )
+    live = await asyncio.to_thread(worker.probe, "/health/live")
+    assert live is not None and live[0] == 200, live
+    texts = sample_texts(8, seed=3)
+    sent = [f"s-{i}" for i in range(len(texts))]
+    await _produce(
+        kafka_bootstrap,
+        names.texts,
+        [(eid.encode(), encode_event(t, id=eid)) for eid, t in zip(sent, texts, strict=True)],
+    )
+    _status, body = await _until(worker, "/health/live", lambda s, _: s == 503, 90)
+    reason = str(body["reason"])
+    assert f"{names.predictions}[" in reason and "no progress" in reason, body
+    assert f"{names.texts}[" not in reason, f"the texts are answered: {body}"
+    ready = await asyncio.to_thread(worker.probe, "/health/ready")
+    assert ready is not None and ready[0] == 200, "its dependencies are fine: only live fails"
+    predicted = await read_all(kafka_bootstrap, names.predictions, read_committed=True)
+    assert sorted(key or b"" for key, _, _ in predicted) == sorted(e.encode() for e in sent)
 
-        # The cause fixed, the parked batch goes through: each event predicted exactly once.
-        await admin.alter_configs(
-            [
-                ConfigResource(
-                    ConfigResourceType.TOPIC, names.predictions, {"max.message.bytes": "1048588"}
-                )
-            ]
-        )
+    # Stopped, the worker indexes what it held (its buffer flushes on the way out): each
+    # event is indexed, none lost.
+    assert await asyncio.to_thread(worker.stop, signal.SIGTERM, 60) == 0
+    indexed = await _indexed_ids(es_url, names.alias, len(sent), timeout_s=60)
+    assert sorted(indexed) == sorted(sent)
+
+
+async def _end_offsets(bootstrap: str, topic: str) -> int:
+    """The sum of a topic's log-end offsets: its records plus any transaction markers."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()  # of every topic, as read_all does
+        partitions = consumer.partitions_for_topic(topic)
+        assert partitions, f"topic {topic} has no partitions"
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return sum(ends.values())
     finally:
-        await admin.close()
-    await _until(worker, "/health/live", lambda s, _: s == 200, 90)
-    deadline = time.monotonic() + 60
-    while True:
-        committed = await read_all(kafka_bootstrap, names.predictions, read_committed=True)
-        if len(committed) >= len(sent) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(1)
-    assert sorted(key or b"" for key, _, _ in committed) == sorted(e.encode() for e in sent)
-    assert " ERROR " in worker.log.read_text(), "the permanent error is one ERROR line"
+        await consumer.stop()
+
+
+def _lag_metric(worker: Worker, topic: str) -> float | None:
+    """inflow_consumer_lag summed over `topic`'s partitions (None: no sample exposed)."""
+    with urllib.request.urlopen(f"{worker.url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("inflow_consumer_lag{") and f'topic="{topic}"' in line
+    ]
+    return sum(values) if values else None
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_an_idle_worker_stays_live_after_traffic(
+    workers: WorkerFactory, names: Names, kafka_bootstrap: str, es_url: str, guarantee: str
+) -> None:
+    # Exactly once, each transaction leaves a marker past the last prediction of each partition
+    # it wrote; the index group commits last record + 1 and never reaches the log end. Those
+    # markers are not lag: idle for three times the stall limit, the worker stays live.
+    stall_after_s = 5
+    worker = workers.start(
+        INFLOW_PROCESSING_GUARANTEE=guarantee,
+        INFLOW_STALL_AFTER_S=str(stall_after_s),
+        INFLOW_HEALTH_POLL_S="1",
+    )
+    texts = sample_texts(40, seed=5)
+    sent = [f"idle-{i}" for i in range(len(texts))]
+    await _produce(
+        kafka_bootstrap,
+        names.texts,
+        [(eid.encode(), encode_event(t, id=eid)) for eid, t in zip(sent, texts, strict=True)],
+    )
+    indexed = await _indexed_ids(es_url, names.alias, len(sent), timeout_s=180)
+    assert sorted(indexed) == sorted(sent)
+    predictions = await read_all(kafka_bootstrap, names.predictions, read_committed=True)
+    assert sorted({key or b"" for key, _, _ in predictions}) == sorted(e.encode() for e in sent)
+    if guarantee == "exactly_once":  # the case in question: the log runs past the last record
+        assert await _end_offsets(kafka_bootstrap, names.predictions) > len(predictions)
+
+    failures: list[tuple[float, object]] = []
+    start = time.monotonic()
+    while (idle := time.monotonic() - start) < 3 * stall_after_s + 2:
+        answer = await asyncio.to_thread(worker.probe, "/health/live")
+        if answer is None or answer[0] != 200:
+            failures.append((round(idle, 1), answer))
+        await asyncio.sleep(0.5)
+    assert failures == [], f"/health/live failed while idle: {failures[:3]}"
+    assert await asyncio.to_thread(_lag_metric, worker, names.predictions) == 0
+    ready = await asyncio.to_thread(worker.probe, "/health/ready")
+    assert ready is not None and ready[0] == 200, ready
 
 
 async def test_a_worker_waits_not_ready_until_kafka_answers(

@@ -81,3 +81,30 @@ def test_a_stall_that_readiness_explains_is_not_a_liveness_failure() -> None:
     health.set("elasticsearch", None)
     health.set("engine", "no active engine")
     assert health.live().status == 200
+
+
+def test_an_idle_exactly_once_worker_stays_live_but_a_stall_behind_markers_does_not() -> None:
+    # The index group committed last data + 1 on each predictions partition; the commit marker
+    # after it keeps the log end one further, for good once traffic stops.
+    preds = [("inflow.predictions", p) for p in range(2)]
+    tracker = LagTracker()
+    samples: list[LagSample | None] = []
+    health = _health(samples)
+    _all_met(health)
+    ends, committed = {p: 41 for p in preds}, {p: 40 for p in preds}
+    for key, gap in tracker.to_probe(ends, committed).items():
+        tracker.record_probe(key, gap, markers_only=True)
+    for now in (0.0, 100.0, 200.0):
+        samples.append(tracker.update(now, ends, committed))
+        assert health.live().status == 200, health.live().checks
+
+    # Traffic again, and the index stage stops committing: real records behind the marker.
+    ends = {p: 60 for p in preds}
+    for key, gap in tracker.to_probe(ends, committed).items():
+        tracker.record_probe(key, gap, markers_only=False)
+    samples.append(tracker.update(250.0, ends, committed))
+    assert health.live().status == 200, "within the limit"
+    samples.append(tracker.update(400.0, ends, committed))
+    report = health.live()
+    assert report.status == 503
+    assert "inflow.predictions[0] lag 20" in report.checks["consumer"], report.checks
