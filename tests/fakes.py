@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,12 +81,19 @@ def _vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
     return vector / np.linalg.norm(vector)
 
 
-class FakePublisher:
-    """Records what was published; can fail the first N publishes."""
+# (topic, key, value) -> the error the broker would answer with, or None to accept
+Refusal = Callable[[str, bytes | None, bytes | None], Exception | None]
 
-    def __init__(self, fail_first: int = 0) -> None:
+
+class FakePublisher:
+    """Records what was published; can fail the first N publishes, and refuse records that
+    `refuse` answers with an error (a topic's size limit, a compacted topic's keyless record)."""
+
+    def __init__(self, fail_first: int = 0, refuse: Refusal | None = None) -> None:
         self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]] | None]] = []
         self.fail_first = fail_first
+        self.refuse = refuse
+        self.refused = 0
         self.attempts = 0
 
     async def publish(
@@ -99,6 +106,10 @@ class FakePublisher:
         self.attempts += 1
         if self.attempts <= self.fail_first:
             raise ConnectionError("broker unavailable")
+        error = self.refuse(topic, key, value) if self.refuse is not None else None
+        if error is not None:
+            self.refused += 1
+            raise error
         self.sent.append((topic, key, value, headers))
 
     def on(

@@ -1,6 +1,11 @@
 """What every chaos scenario shares: a steady producer, an RSS sampler, a catch-up clock, and
 the accounting (every sent id indexed exactly once, nothing extra, dead letters as expected).
 
+"Indexed once" is counted by the documents' `id` field over every index behind the alias (one
+index per model: `indexer.mapping.ModelIndices`), not by `_id`: an index never holds one `_id`
+twice, so only the `id` field across the alias's indices can show an event indexed twice.
+Predictions are counted by their decoded `id`, each checked against its record's key.
+
 Figures go to stdout (pytest -s shows them) and into a table printed at the end of the session
 (`tests/chaos/conftest.py`); INFLOW_CHAOS_REPORT names a JSON-lines file that receives them.
 """
@@ -12,16 +17,27 @@ import json
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from elasticsearch import AsyncElasticsearch, NotFoundError
 from elasticsearch.helpers import async_scan
 
 from engines.build.data import sample_texts
-from schemas import encode_event, parse_dead_letter_headers
+from schemas import (
+    HEADER_ERROR_CODE,
+    HEADER_SOURCE_OFFSET,
+    HEADER_SOURCE_PARTITION,
+    DecodeError,
+    decode_prediction,
+    encode_event,
+    parse_dead_letter_headers,
+)
 from tests.e2e.conftest import Names
 
 # 2,000 real texts per scenario at a steady 80 events/s (the CI budget: 25 s each); raise them
@@ -124,15 +140,26 @@ def rss_mb(pid: int) -> float | None:
 class SteadyProducer:
     """Sends events at `rate` per second on a task; `sent_before(t)` says which had been
     acknowledged by then. A send that fails (broker down longer than the client waits) is
-    sent again: the id stays the same, so the index still holds it once."""
+    sent again: the id stays the same, so the index still holds it once.
+
+    Each record is keyed by its id, except those named in `keyless` (sent with no key; the id
+    only names them here). `placed` says where each acknowledged record landed: id ->
+    (partition, offset), which is how a keyless record's dead letter is found again (by its
+    `inflow.source.*` headers)."""
 
     def __init__(
-        self, bootstrap: str, topic: str, records: Sequence[tuple[str, bytes | None]]
+        self,
+        bootstrap: str,
+        topic: str,
+        records: Sequence[tuple[str, bytes | None]],
+        keyless: Collection[str] = (),
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.records = list(records)
+        self.keyless = set(keyless)
         self.acked: list[tuple[float, str]] = []
+        self.placed: dict[str, list[tuple[int, int]]] = {}
         self.resends = 0
         self.task: asyncio.Task[None] | None = None
 
@@ -157,10 +184,12 @@ class SteadyProducer:
         pending: set[asyncio.Task[None]] = set()
 
         async def deliver(eid: str, value: bytes | None) -> None:
+            key = None if eid in self.keyless else eid.encode()
             while True:
                 try:
-                    await (await producer.send(self.topic, key=eid.encode(), value=value))
+                    meta = await (await producer.send(self.topic, key=key, value=value))
                     self.acked.append((time.monotonic(), eid))
+                    self.placed.setdefault(eid, []).append((meta.partition, meta.offset))
                     return
                 except Exception:
                     self.resends += 1
@@ -179,6 +208,37 @@ class SteadyProducer:
                 await asyncio.gather(*list(pending))
         finally:
             await producer.stop()
+
+
+async def create_topics(
+    bootstrap: str,
+    names: Names,
+    partitions: int = 4,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
+) -> None:
+    """The four topics of `names` before any worker makes them, with topic `configs` (e.g. a
+    compacted texts DLQ); `partitions` is the worker's default INFLOW_TOPIC_PARTITIONS."""
+    configs = configs or {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(name, partitions, 1, topic_configs=dict(configs.get(name, {})))
+                for name in (names.texts, names.predictions, names.texts_dlq, names.predictions_dlq)
+            ]
+        )
+    finally:
+        await admin.close()
+
+
+async def alter_topic(bootstrap: str, topic: str, config: Mapping[str, str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, dict(config))])
+    finally:
+        await admin.close()
 
 
 async def count_ids(es: AsyncElasticsearch, alias: str, ids: Sequence[str]) -> int:
@@ -204,18 +264,64 @@ async def catch_up(
     return time.monotonic() - since
 
 
-async def indexed_ids(es_url: str, alias: str, expected: int, timeout_s: float = 240) -> list[str]:
-    """Every _id in the index, once at least `expected` are there (or time is up)."""
+@dataclass(frozen=True)
+class IndexedDoc:
+    index: str  # the concrete index behind the alias
+    doc_id: str  # its _id
+    id: str | None  # the document's own `id` field (the event id)
+
+
+async def indexed_documents(
+    es_url: str, alias: str, expected: int, timeout_s: float = 240
+) -> list[IndexedDoc]:
+    """Every document of every index behind `alias`, once at least `expected` are there (or
+    time is up)."""
     async with AsyncElasticsearch(es_url, request_timeout=60) as es:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            await es.indices.refresh(index=alias)
-            if int((await es.count(index=alias))["count"]) >= expected:
-                break
+            try:
+                await es.indices.refresh(index=alias)
+                if int((await es.count(index=alias))["count"]) >= expected:
+                    break
+            except NotFoundError:
+                pass
             await asyncio.sleep(1)
         await asyncio.sleep(2)  # anything extra would land now
-        await es.indices.refresh(index=alias)
-        return [hit["_id"] async for hit in async_scan(es, index=alias, query={"_source": False})]
+        try:
+            await es.indices.refresh(index=alias)
+        except NotFoundError:
+            return []
+        return [
+            IndexedDoc(hit["_index"], hit["_id"], (hit.get("_source") or {}).get("id"))
+            async for hit in async_scan(es, index=alias, query={"_source": ["id"]})
+        ]
+
+
+def indexed_more_than_once(docs: Iterable[IndexedDoc]) -> dict[str | None, list[str]]:
+    """Event ids held by more than one document behind the alias: id -> "index/_id" of each."""
+    where: dict[str | None, list[str]] = {}
+    for doc in docs:
+        where.setdefault(doc.id, []).append(f"{doc.index}/{doc.doc_id}")
+    return {eid: places for eid, places in where.items() if len(places) > 1}
+
+
+def predictions_per_id(
+    records: Iterable[tuple[bytes | None, bytes | None, Mapping[str, bytes]]],
+) -> Counter[str]:
+    """How many records of the predictions topic carry each event id (decoded from the
+    value); asserts each is a Prediction keyed by its own id."""
+    counts: Counter[str] = Counter()
+    for key, value, _headers in records:
+        prediction = decode_prediction(value or b"")
+        assert not isinstance(prediction, DecodeError), (key, prediction.message)
+        assert key == prediction.id.encode(), f"prediction {prediction.id!r} keyed by {key!r}"
+        counts[prediction.id] += 1
+    return counts
+
+
+def duplicates(counts: Counter[str]) -> int:
+    """Records beyond the first of each id."""
+    return sum(n - 1 for n in counts.values())
 
 
 async def read_all(
@@ -263,20 +369,26 @@ async def account(
     names: Names,
     sent: Sequence[str],
     poison: dict[bytes, str] | None = None,
+    keyless_poison: Mapping[tuple[int, int], str] | None = None,
     read_committed: bool = False,
 ) -> None:
-    """Fill in `figures` and assert: every sent id indexed exactly once, nothing extra, the
-    dead letters exactly the poison records (key -> expected error code), none else."""
+    """Fill in `figures` and assert: every sent id indexed exactly once (by its `id` field,
+    over every index behind the alias), nothing extra, a prediction for every sent id and for
+    nothing else, the dead letters exactly the poison records (key -> expected error code;
+    keyless ones by their source (partition, offset) -> code), none else."""
     poison = poison or {}
+    keyless_poison = keyless_poison or {}
     wanted = set(sent)
-    ids = await indexed_ids(es_url, names.alias, len(wanted))
-    figures.sent = len(wanted) + len(poison)
-    figures.indexed = len(ids)
-    figures.lost = len(wanted - set(ids))
-    figures.extra = len(set(ids) - wanted)
+    docs = await indexed_documents(es_url, names.alias, len(wanted))
+    in_index = {doc.id for doc in docs}
+    twice = indexed_more_than_once(docs)
+    figures.sent = len(wanted) + len(poison) + len(keyless_poison)
+    figures.indexed = len(docs)
+    figures.lost = len(wanted - in_index)
+    figures.extra = len(in_index - wanted)
     predictions = await read_all(bootstrap, names.predictions, read_committed=read_committed)
-    keys = [key for key, _, _ in predictions]
-    figures.duplicate_predictions = len(keys) - len(set(keys))
+    per_id = predictions_per_id(predictions)
+    figures.duplicate_predictions = duplicates(per_id)
     # Exactly once writes the texts' dead letters in the same transactions as the predictions.
     dead_texts = await read_all(
         bootstrap, names.texts_dlq, read_committed=read_committed, idle_s=1.5
@@ -286,19 +398,37 @@ async def account(
     record(figures)
 
     assert figures.lost == 0, f"{figures.lost} sent ids never indexed"
-    assert len(ids) == len(set(ids)), "an id is in the index twice"
+    assert not twice, f"{len(twice)} ids indexed more than once: {dict(list(twice.items())[:5])}"
     assert figures.extra == 0, f"{figures.extra} documents that were never sent"
-    assert set(key.decode() for key in keys if key) >= wanted, "an id has no prediction"
+    assert not wanted - set(per_id), f"{len(wanted - set(per_id))} ids have no prediction"
+    assert not set(per_id) - wanted, f"predictions of ids never sent: {set(per_id) - wanted}"
     assert dead_predictions == [], "no prediction may be dead-lettered here"
     by_key: dict[bytes, list[str]] = {}
+    by_source: dict[tuple[int, int], list[str]] = {}
     for key, value, headers in dead_texts:
-        code = parse_dead_letter_headers(list(headers.items())).get("inflow.error.code", "?")
-        by_key.setdefault(key or b"", []).append(str(code))
+        parsed = parse_dead_letter_headers(list(headers.items()))
+        code = str(parsed.get(HEADER_ERROR_CODE, "?"))
+        if key is None:
+            source = (int(parsed[HEADER_SOURCE_PARTITION]), int(parsed[HEADER_SOURCE_OFFSET]))
+            by_source.setdefault(source, []).append(code)
+            continue
+        by_key.setdefault(key or b"", []).append(code)
         if key == b"poison-tombstone":
             assert value is None, "a tombstone must stay a tombstone in the dead letters"
-    assert set(by_key) == set(poison), (sorted(by_key), sorted(poison))
+    assert set(by_key) == set(poison), (
+        f"keyed: poison without a dead letter {sorted(set(poison) - set(by_key))}, dead "
+        f"letters of no poison record {sorted(set(by_key) - set(poison))}"
+    )
+    assert set(by_source) == set(keyless_poison), (
+        "keyless (partition, offset): poison without a dead letter "
+        f"{sorted(set(keyless_poison) - set(by_source))}, dead letters of no poison record "
+        f"{sorted(set(by_source) - set(keyless_poison))}"
+    )
     if read_committed:  # exactly once: each prediction and each dead letter once
         assert figures.duplicate_predictions == 0, "read_committed must see each prediction once"
         assert all(len(codes) == 1 for codes in by_key.values()), by_key
+        assert all(len(codes) == 1 for codes in by_source.values()), by_source
     for key, code in poison.items():
         assert code in by_key[key], (key, by_key[key])
+    for source, code in keyless_poison.items():
+        assert code in by_source[source], (source, by_source[source])

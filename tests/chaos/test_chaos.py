@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import time
 from collections.abc import Callable
 
 import pytest
 
+from schemas import HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, parse_dead_letter_headers
 from tests.chaos.conftest import PrivateServices, WorkerEnv
 from tests.chaos.harness import (
     EVENTS,
@@ -28,7 +30,9 @@ from tests.chaos.harness import (
     RssSampler,
     SteadyProducer,
     account,
+    alter_topic,
     catch_up,
+    create_topics,
     events,
     read_all,
 )
@@ -280,6 +284,138 @@ async def test_poison_texts_are_dead_letters_and_nothing_else_stops(
     assert health is not None and health["status"] == "ok", "the worker still runs"
 
 
+# Keyless poison: refused, as dead letters, by a compacted texts DLQ (a record there needs a key),
+# so each parks its record (a permanent error of the system) until the topic is fixed.
+KEYLESS_POISON: list[tuple[bytes, str]] = [
+    (b"{not json", "invalid_json"),
+    (b"[1]", "not_an_object"),
+    (b'{"text": 42}', "wrong_type"),
+    (b"", "empty_value"),
+    (b'{"text": "unterminated', "invalid_json"),
+    (b'{"text": "caf\xe9 \xff"}', "invalid_utf8"),
+]
+PARKED_EVENTS = int(os.environ.get("INFLOW_CHAOS_PARKED_EVENTS", "1200"))
+
+
+@GUARANTEES
+async def test_parked_records_a_kill_9_and_a_fix_at_random_moments_lose_nothing(
+    services: TestServices, chaos_workers: WorkerEnv, names: Names, guarantee: str
+) -> None:
+    """Normal events, keyed poison (dead-lettered at once) and keyless poison (parked: the texts
+    DLQ is compacted) under continuous production. At a random moment the worker is killed
+    with kill -9 and a new one takes over; at another random moment the DLQ is fixed
+    (`cleanup.policy=delete`). Every keyed input ends as a prediction or a dead letter, every
+    keyless one as a dead letter (found by its `inflow.source.*` headers), dead letters only
+    for poison; exactly once (read_committed): each of them once. INFLOW_CHAOS_SEED replays."""
+    seed = int(os.environ.get("INFLOW_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
+    rng = random.Random(seed)
+    print(f"\nCHAOS parked records seed {seed} ({guarantee})")
+    exactly = guarantee == "exactly_once"
+    await create_topics(
+        services.kafka_bootstrap, names, configs={names.texts_dlq: {"cleanup.policy": "compact"}}
+    )
+    good = events("parked", PARKED_EVENTS, seed=seed)
+    mixed: list[tuple[str, bytes | None]] = list(good)
+    for key, value, _ in POISON:  # keyed poison, anywhere
+        mixed.insert(rng.randrange(len(mixed) + 1), (key.decode(), value))
+    keyless: dict[str, str] = {}
+    for i, (value, code) in enumerate(KEYLESS_POISON):
+        # The first within the first second of the stream: records park before the kill.
+        at = rng.randrange(1, int(RATE)) if i == 0 else rng.randrange(len(mixed) + 1)
+        mixed.insert(at, (f"keyless-{i}", value))
+        keyless[f"keyless-{i}"] = code
+    kill_at = rng.uniform(2.0, 14.0)  # seconds after production starts
+    fix_at = rng.uniform(3.0, 24.0)
+    factory = chaos_workers(services.kafka_bootstrap, services.es_url)
+    factory.env.update(
+        INFLOW_PROCESSING_GUARANTEE=guarantee,
+        INFLOW_PERMANENT_RECHECK_S="2",
+        INFLOW_DRAIN_TIMEOUT_S="3",
+    )
+    first = factory.start()
+    producer = SteadyProducer(services.kafka_bootstrap, names.texts, mixed, keyless=keyless)
+
+    async def fix_the_dlq() -> float:
+        await asyncio.sleep(max(0.0, started + fix_at - time.monotonic()))
+        await alter_topic(services.kafka_bootstrap, names.texts_dlq, {"cleanup.policy": "delete"})
+        return time.monotonic()
+
+    with RssSampler() as rss:
+        rss.watch(first.proc.pid)
+        producer.start()
+        started = time.monotonic()
+        fixer = asyncio.create_task(fix_the_dlq())
+        await asyncio.sleep(max(0.0, started + kill_at - time.monotonic()))
+        first.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await asyncio.to_thread(first.proc.wait)
+        # Keyless poison sent before the kill and the DLQ not fixed yet: parked when killed.
+        parked_when_killed = 0
+        if not fixer.done():
+            parked_when_killed = sum(1 for e in producer.sent_before(killed) if e in keyless)
+        second = await asyncio.to_thread(factory.start, wait_ready=False)
+        rss.watch(second.proc.pid)
+        fixed = await fixer
+        await producer.wait()
+        since = max(killed, fixed)
+        seconds = await catch_up(
+            services.es_url, names.alias, [eid for eid, _ in good], since, timeout_s=240
+        )
+    sources = {
+        placed: keyless[eid] for eid, places in producer.placed.items() if eid in keyless
+        for placed in places
+    }  # fmt: skip
+    await _until_dead_lettered(services.kafka_bootstrap, names.texts_dlq, set(sources), exactly)
+    uncommitted = await read_all(services.kafka_bootstrap, names.predictions)
+    figures = Figures(
+        "parked + kill -9 + fix",
+        guarantee=guarantee,
+        catch_up_s=seconds,
+        peak_rss_mb=rss.peak(),
+        notes={
+            "seed": seed,
+            "kill_at_s": round(kill_at, 1),
+            "fix_at_s": round(fixed - started, 1),
+            "parked_when_killed": parked_when_killed,
+            "keyless": len(sources),
+            "keyed_poison": len(POISON),
+            "resends": producer.resends,
+            "read_uncommitted_records": len(uncommitted),
+        },
+    )
+    await account(
+        figures,
+        bootstrap=services.kafka_bootstrap,
+        es_url=services.es_url,
+        names=names,
+        sent=[eid for eid, _ in good],
+        poison={key: code for key, _, code in POISON},
+        keyless_poison=sources,
+        read_committed=exactly,
+    )
+    assert second.proc.poll() is None, "the worker that took over still runs"
+
+
+async def _until_dead_lettered(
+    bootstrap: str, topic: str, sources: set[tuple[int, int]], read_committed: bool
+) -> None:
+    """Wait (60 s at most) until each (partition, offset) of `sources` has a dead letter on
+    `topic`; the accounting then says which did not."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = {
+            (int(parsed[HEADER_SOURCE_PARTITION]), int(parsed[HEADER_SOURCE_OFFSET]))
+            for key, _, headers in await read_all(
+                bootstrap, topic, read_committed=read_committed, idle_s=1.0
+            )
+            if key is None
+            and HEADER_SOURCE_OFFSET in (parsed := parse_dead_letter_headers(list(headers.items())))
+        }
+        if sources <= found:
+            return
+        await asyncio.sleep(1)
+
+
 async def test_exactly_once_read_committed_sees_one_prediction_per_event_across_kill_9(
     services: TestServices, chaos_workers: WorkerEnv, names: Names
 ) -> None:
@@ -347,8 +483,9 @@ async def _kill_one_of_two(
     """Two workers under steady load; kill -9 one of them after 2/5 of the events were sent.
     Returns the events, seconds until everything sent before the kill was indexed, peak RSS."""
     factory = chaos_workers(services.kafka_bootstrap, services.es_url)
-    first = factory.start(**env)
-    second = factory.start(**env)
+    factory.env.update(env)
+    first = factory.start()
+    second = factory.start()
     records = events(prefix)
     producer = SteadyProducer(services.kafka_bootstrap, names.texts, records)
     with RssSampler() as rss:

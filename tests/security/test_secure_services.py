@@ -344,6 +344,50 @@ INJECTIONS_Q = [
     "ünïcødé 🤖 ≠ <script>alert(1)</script>",
     "x" * 1000,
 ]
+# Documents beside the marker's, with the words and field names the injections above would
+# select if they were read as query DSL or query-string syntax (`*`, OR, AND, label, text,
+# _source, _id, size, match_all...), and some with none of their words.
+INJECTION_CORPUS = [
+    "the positive label on this text was right",
+    "a query about match_all and its size",
+    "drop the table of predictions or keep it",
+    "a quiet afternoon by the river",
+    "another calm evening with tea",
+    "the script ran with id 42 and exec rights",
+    "_source and _id are the names of fields",
+    "stars * and colons : everywhere",
+]
+
+
+async def _literal_matches(
+    es: EsSettings, alias: str, documents: dict[str, str], queries: list[str]
+) -> dict[str, set[str]]:
+    """For each query: the ids of `documents` that hold at least one of its words, as the
+    index's own analyzer of `text` splits query and documents (a `match` query's meaning,
+    found without running one). Asserts that each query leaves some document out, so that a
+    DSL reading (`*:*`, `text:* OR ...`, `{"match_all": {}}`: every document) shows."""
+    async with es.make_client() as client:
+
+        async def words(text: str) -> set[str]:
+            answer = await client.indices.analyze(index=alias, field="text", text=text)
+            return {token["token"] for token in answer["tokens"]}
+
+        held = {doc_id: await words(text) for doc_id, text in documents.items()}
+        deadline = time.monotonic() + 120
+        while True:  # every document searchable before the views are asked
+            await client.indices.refresh(index=alias)
+            if int((await client.count(index=alias))["count"]) >= len(documents):
+                break
+            assert time.monotonic() < deadline, "the injection corpus was never indexed"
+            await asyncio.sleep(0.5)
+        literal = {}
+        for query in queries:
+            asked = await words(query)
+            literal[query] = {doc_id for doc_id, have in held.items() if have & asked}
+            assert len(literal[query]) < len(documents), (query[:60], "matches every document")
+    return literal
+
+
 INJECTIONS_400 = [
     {"q": "x" * 1001},
     {"q": "a\x00b"},
@@ -386,23 +430,29 @@ async def test_full_flow_with_every_credential_and_no_secret_anywhere(
         "web key old": old_key,
         "web key new": new_key_,
     }
-    worker = secure_workers.start(**env)
-    cli_env = {**secure_workers.env, **env}
+    secure_workers.env.update(env)
+    worker = secure_workers.start()
+    cli_env = dict(secure_workers.env)
 
-    # An event through SASL_SSL to a prediction and a document behind HTTPS + API key.
+    # An event through SASL_SSL to a prediction and a document behind HTTPS + API key; with it,
+    # the corpus the injection checks search (below).
     marker = f"sentinel{uuid.uuid4().hex[:10]}"
     event = json.dumps({"id": marker, "text": f"a wonderful secure day {marker}"})
-    produced = _cli(cli_env, "produce", stdin=event + "\n", outputs=outputs)
+    corpus = {f"{marker}-c{i}": text for i, text in enumerate(INJECTION_CORPUS)}
+    lines = [event, *(json.dumps({"id": i, "text": t}) for i, t in corpus.items())]
+    produced = _cli(cli_env, "produce", stdin="\n".join(lines) + "\n", outputs=outputs)
     assert produced.returncode == 0, produced.stderr
     settings = _settings(cli_env)
     predictions = await _read_one(settings, names.predictions)
-    assert marker.encode() in predictions[0]
+    assert any(marker.encode() in prediction for prediction in predictions)
     es = EsSettings(url=secure_es.url, api_key=secure_es.api_key, ca_certs=str(pki.ca))
     async with Searcher(es, alias=names.alias) as searcher:
         deadline = time.monotonic() + 120
         while (await searcher.search_text(marker)).total == 0:
             assert time.monotonic() < deadline, "the document never appeared"
             await asyncio.sleep(0.5)
+    documents = {marker: f"a wonderful secure day {marker}", **corpus}
+    literal = await _literal_matches(es, names.alias, documents, INJECTIONS_Q)
 
     # The search CLI over HTTPS with the API key, and with basic auth.
     found = _cli(cli_env, "search", marker, "--json", outputs=outputs)
@@ -440,7 +490,10 @@ async def test_full_flow_with_every_credential_and_no_secret_anywhere(
     assert _http(f"{worker.url}/search?{query}")[0] == 404
     assert _http(f"{worker.url}/router/")[0] == 404  # Faust's own pages are off
 
-    # Injection corpus: 200 with plain results or 400, never a server error.
+    # Injection corpus: 200 with plain results or 400, never a server error. On /search, q is
+    # words to match, not a query: the hits are exactly the documents holding one of its words
+    # (what the index's analyzer makes of it), never what its DSL or query-string syntax
+    # would select (every document, for most of them: see _literal_matches).
     auth = {"Authorization": f"ApiKey {new_key_}"}
     for text in INJECTIONS_Q:
         for view, name in (("search", "q"), ("similar", "text")):
@@ -450,8 +503,14 @@ async def test_full_flow_with_every_credential_and_no_secret_anywhere(
             if status == 200:
                 result = json.loads(body)
                 assert isinstance(result["hits"], list)
-                if view == "search":  # DSL in q is words to match, not a query
-                    assert result["total"] <= 1, (text[:60], result["total"])
+                if view == "search":
+                    found_ids = {hit["id"] for hit in result["hits"]}
+                    assert (result["total"], found_ids) == (len(literal[text]), literal[text]), (
+                        text[:60],
+                        result["total"],
+                        sorted(found_ids),
+                        sorted(literal[text]),
+                    )
     for params in INJECTIONS_400:
         url = f"{search_url}/search?{urllib.parse.urlencode(params)}"
         status, _, body = _http(url, auth, outputs)
@@ -501,8 +560,9 @@ async def test_wrong_es_key_is_not_ready_keeps_offsets_and_says_why(
         **_kafka_env(secure_kafka, pki),
         **_es_env(secure_es, pki, INFLOW_ES_API_KEY="wrong-key"),
     }
-    worker = secure_workers.start(wait_ready=False, **env)
-    cli_env = {**secure_workers.env, **env}
+    secure_workers.env.update(env)
+    worker = secure_workers.start(wait_ready=False)
+    cli_env = dict(secure_workers.env)
     produced = _cli(cli_env, "produce", "--format", "text", stdin="held back by the index\n")
     assert produced.returncode == 0, produced.stderr
 

@@ -25,26 +25,13 @@ from tests.fakes import FakeEngine, FakePublisher
 TOPICS = InferTopics("preds", "texts.dlq")
 
 
-class RefusingPublisher(FakePublisher):
-    """Refuses records on `topic` whose value is larger than `max_value` with `error`."""
-
-    def __init__(self, topic: str, max_value: int, error: Exception) -> None:
-        super().__init__()
-        self.refuse = (topic, max_value, error)
-        self.refused = 0
-
-    async def publish(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> None:
-        refused_topic, max_value, error = self.refuse
-        if topic == refused_topic and len(value or b"") > max_value:
-            self.refused += 1
-            raise error
-        await super().publish(topic, key, value, headers)
+def refusing(topic: str, max_value: int, error: Exception) -> FakePublisher:
+    """A publisher whose `topic` refuses values larger than `max_value` with `error`."""
+    return FakePublisher(
+        refuse=lambda t, _key, value: (
+            error if t == topic and len(value or b"") > max_value else None
+        )
+    )
 
 
 async def _run(
@@ -108,7 +95,7 @@ async def test_a_broker_refusal_for_size_dead_letters_that_record_only() -> None
     values = [
         encode_event("i love it", id=f"id-{i}", metadata={"n": "y" * (i * 900)}) for i in range(4)
     ]
-    publisher = RefusingPublisher("preds", 7_000, MessageSizeTooLargeError("too large"))
+    publisher = refusing("preds", 7_000, MessageSizeTooLargeError("too large"))
     answered = await _run(values, publisher)
     assert sorted(answered) == [0, 1, 2, 3]
     assert publisher.refused >= 1
@@ -168,7 +155,7 @@ async def test_a_dead_letter_too_large_for_its_topic_keeps_a_prefix_and_says_so(
 
 async def test_a_refusing_dead_letter_topic_parks_the_record_unanswered() -> None:
     """A permanent error of the system (not this record's): never dropped, never answered."""
-    publisher = RefusingPublisher("texts.dlq", -1, TopicAuthorizationFailedError("denied"))
+    publisher = refusing("texts.dlq", -1, TopicAuthorizationFailedError("denied"))
     answered = await _run([b"{not json", encode_event("i love it")], publisher, timeout_s=0.5)
     assert answered == [1], "the good record is answered; the poison one waits"
     assert publisher.on("texts.dlq") == []
