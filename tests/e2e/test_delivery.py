@@ -18,11 +18,10 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from schemas import decode_prediction, encode_event, parse_dead_letter_headers
 from streams.records import DEFAULT_MAX_MESSAGE_BYTES
-from tests.chaos.harness import read_all
+from tests.chaos.harness import alter_topic, read_all
 from tests.e2e.conftest import Names, Worker, WorkerFactory
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -235,18 +234,7 @@ async def test_a_topic_that_refuses_is_not_ready_commits_nothing_past_it_then_re
     assert position is None or position <= first_poison, (position, first_poison)
 
     # The cause fixed, a new worker answers every record: each ends exactly once.
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.alter_configs(
-            [
-                ConfigResource(
-                    ConfigResourceType.TOPIC, names.texts_dlq, {"cleanup.policy": "delete"}
-                )
-            ]
-        )
-    finally:
-        await admin.close()
+    await alter_topic(kafka_bootstrap, names.texts_dlq, {"cleanup.policy": "delete"})
     workers.start(INFLOW_TOPIC_PARTITIONS="1", INFLOW_PROCESSING_GUARANTEE=guarantee)
     ids = {(key or b"").decode() for key, _ in records if key is not None}
     exactly = guarantee == "exactly_once"

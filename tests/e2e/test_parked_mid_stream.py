@@ -19,8 +19,6 @@ import asyncio
 import time
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from schemas import (
     HEADER_ERROR_CODE,
@@ -29,7 +27,7 @@ from schemas import (
     decode_prediction,
     parse_dead_letter_headers,
 )
-from tests.chaos.harness import read_all
+from tests.chaos.harness import alter_topic, read_all
 from tests.e2e.conftest import Names, WorkerFactory
 from tests.e2e.test_delivery import Record, committed, create_topics, end_offset, normal, produce
 
@@ -113,18 +111,7 @@ async def test_a_record_parked_mid_stream_stops_the_commit_right_before_it(
     assert dead == [], "the refusing topic took a dead letter"
 
     # The cause fixed: the same worker's recheck sends the dead letter; everything ends once.
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.alter_configs(
-            [
-                ConfigResource(
-                    ConfigResourceType.TOPIC, names.texts_dlq, {"cleanup.policy": "delete"}
-                )
-            ]
-        )
-    finally:
-        await admin.close()
+    await alter_topic(kafka_bootstrap, names.texts_dlq, {"cleanup.policy": "delete"})
     assert end == await end_offset(kafka_bootstrap, names.texts)
     await _until_committed(kafka_bootstrap, group, names.texts, end)
     ids = {f"n-{i}" for i in range(PREFIX + BEHIND)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 
@@ -14,3 +15,16 @@ async def create_topic(bootstrap: str, topic: str, partitions: int = 1) -> None:
         )
     finally:
         await admin.close()
+
+
+async def commit_offsets(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
+    """Commit `offsets` for `group`, as a member of it would."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit(offsets)
+    finally:
+        await consumer.stop()

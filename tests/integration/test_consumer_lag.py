@@ -5,24 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from streams.lag import ConsumerLag, LagUnavailable
-from tests.integration.kafka_topics import create_topic
+from tests.integration.kafka_topics import commit_offsets, create_topic
 
 pytestmark = pytest.mark.integration
-
-
-async def _commit(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(list(offsets))
-        await consumer.commit(offsets)
-    finally:
-        await consumer.stop()
 
 
 async def test_lag_is_end_offset_minus_committed_offset_per_assigned_partition(
@@ -41,7 +29,7 @@ async def test_lag_is_end_offset_minus_committed_offset_per_assigned_partition(
         await producer.stop()
 
     tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
-    await _commit(kafka_bootstrap, group, {tp0: 6})  # partition 1: nothing committed
+    await commit_offsets(kafka_bootstrap, group, {tp0: 6})  # partition 1: nothing committed
     assigned = [(topic, 0), (topic, 1), (topic, 2)]
     lag = ConsumerLag(group, lambda: assigned, {"bootstrap_servers": kafka_bootstrap})
     async with lag:
@@ -50,7 +38,7 @@ async def test_lag_is_end_offset_minus_committed_offset_per_assigned_partition(
         assert first.partitions[(topic, 0)].end_offset == 10
         assert first.partitions[(topic, 1)].position == 0  # the log start: `earliest`
 
-        await _commit(kafka_bootstrap, group, {tp0: 10, tp1: 1})
+        await commit_offsets(kafka_bootstrap, group, {tp0: 10, tp1: 1})
         assigned.remove((topic, 2))  # a rebalance took it away
         second = await lag.sample()
         assert second.lag == {(topic, 0): 0, (topic, 1): 3}

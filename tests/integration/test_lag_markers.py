@@ -13,24 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from streams.lag import ConsumerLag
-from tests.integration.kafka_topics import create_topic
+from tests.integration.kafka_topics import commit_offsets, create_topic
 
 pytestmark = pytest.mark.integration
-
-
-async def _commit(bootstrap: str, group: str, offsets: dict[TopicPartition, int]) -> None:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(list(offsets))
-        await consumer.commit(offsets)
-    finally:
-        await consumer.stop()
 
 
 async def _transaction(
@@ -72,7 +60,9 @@ async def test_committed_transactions_leave_no_lag_once_the_group_passed_their_d
         tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
         # Partition 0: consumed to the end (last data + 1, the marker's offset). Partition 1:
         # only its first transaction; two records of real data remain.
-        await _commit(kafka_bootstrap, group, {tp0: written[0][-1] + 1, tp1: written[1][0] + 1})
+        await commit_offsets(
+            kafka_bootstrap, group, {tp0: written[0][-1] + 1, tp1: written[1][0] + 1}
+        )
         async with _lag(group, topic, 2, kafka_bootstrap) as lag:
             first = await lag.sample()
             p0, p1 = first.partitions[(topic, 0)], first.partitions[(topic, 1)]
@@ -102,7 +92,7 @@ async def test_committed_transactions_leave_no_lag_once_the_group_passed_their_d
             behind = await lag.sample()
             assert behind.partitions[(topic, 0)].lag == 4 and fetches > 0  # 1 marker + 2 + 1
 
-            await _commit(kafka_bootstrap, group, {tp0: more[0][-1] + 1})
+            await commit_offsets(kafka_bootstrap, group, {tp0: more[0][-1] + 1})
             moved = await lag.sample()  # it moved: progress, no probe needed this time
             assert moved.partitions[(topic, 0)].lag in (0, 1)
             settled = await lag.sample()
@@ -125,8 +115,10 @@ async def test_aborted_records_are_not_lag_once_the_group_passed_the_data_before
         aborted = (await _transaction(producer, topic, {0: 3}, commit=False))[0]  # 3-5, marker 6
         assert aborted[0] > kept[-1] + 1
         # A read_committed consumer commits after the last record it received: the kept one.
-        await _commit(kafka_bootstrap, group, {tp: kept[-1] + 1})
-        await _commit(kafka_bootstrap, early, {tp: kept[0] + 1})  # one kept record not consumed
+        await commit_offsets(kafka_bootstrap, group, {tp: kept[-1] + 1})
+        await commit_offsets(
+            kafka_bootstrap, early, {tp: kept[0] + 1}
+        )  # one kept record not consumed
         async with _lag(group, topic, 1, kafka_bootstrap) as lag:
             sample = (await lag.sample()).partitions[(topic, 0)]
             assert sample.end_offset == aborted[-1] + 2
@@ -135,7 +127,7 @@ async def test_aborted_records_are_not_lag_once_the_group_passed_the_data_before
             # Committed data after the aborted transaction is real lag again.
             after = (await _transaction(producer, topic, {0: 1}))[0]
             assert (await lag.sample()).partitions[(topic, 0)].lag == after[0] + 2 - (kept[-1] + 1)
-            await _commit(kafka_bootstrap, group, {tp: after[-1] + 1})
+            await commit_offsets(kafka_bootstrap, group, {tp: after[-1] + 1})
             await lag.sample()  # moved
             assert (await lag.sample()).lag == {(topic, 0): 0}
         async with _lag(early, topic, 1, kafka_bootstrap) as lag:
@@ -157,7 +149,7 @@ async def test_an_open_transaction_is_lag_until_it_ends(
     tp = TopicPartition(topic, 0)
     try:
         kept = (await _transaction(producer, topic, {0: 1}))[0]
-        await _commit(kafka_bootstrap, group, {tp: kept[-1] + 1})
+        await commit_offsets(kafka_bootstrap, group, {tp: kept[-1] + 1})
         await producer.begin_transaction()
         pending = await (await producer.send(topic, b"open", partition=0))
         async with _lag(group, topic, 1, kafka_bootstrap, probe_timeout_s=0.5) as lag:
@@ -165,7 +157,7 @@ async def test_an_open_transaction_is_lag_until_it_ends(
             assert sample.end_offset == pending.offset + 1
             assert (sample.lag, sample.markers) == (2, 0), sample  # the marker + the open record
             await producer.commit_transaction()
-            await _commit(kafka_bootstrap, group, {tp: pending.offset + 1})
+            await commit_offsets(kafka_bootstrap, group, {tp: pending.offset + 1})
             await lag.sample()  # moved
             assert (await lag.sample()).lag == {(topic, 0): 0}
     finally:
