@@ -287,7 +287,7 @@ async def test_an_idle_worker_stays_live_after_traffic(
     # Exactly once, each transaction leaves a marker past the last prediction of each partition
     # it wrote; the index group commits last record + 1 and never reaches the log end. Those
     # markers are not lag: idle for three times the stall limit, the worker stays live.
-    stall_after_s = 3
+    stall_after_s = 5
     worker = workers.start(
         INFLOW_PROCESSING_GUARANTEE=guarantee,
         INFLOW_STALL_AFTER_S=str(stall_after_s),
