@@ -19,8 +19,9 @@ import pytest
 from engines.assets import encoder_dir
 from engines.modeldir import KIND_CLASSIFIER, KIND_EMBEDDER, read_model
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+WHY = "the build extra (pip install -e '.[build]') trains and exports with torch and transformers"
+pytest.importorskip("torch", reason=WHY)
+pytest.importorskip("transformers", reason=WHY)
 
 LABELS = ["alpha", "beta", "gamma"]
 TEXTS = ["A short text.", "Another, somewhat longer text about markets and films."]

@@ -59,7 +59,9 @@ TEXTS = [
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
     """A model folder with a tiny random BERT encoder (fine-tuned layout) and a random head."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip(
+        "torch", reason="the tiny model is made with torch, from the build extra"
+    )
     from transformers import BertConfig, BertModel
 
     from engines.build.model import ServingModel
