@@ -44,7 +44,7 @@ from tests.e2e.conftest import Names
 # for longer runs, e.g. INFLOW_CHAOS_EVENTS=30000 INFLOW_CHAOS_OUTAGE_S=300.
 EVENTS = int(os.environ.get("INFLOW_CHAOS_EVENTS", "1200"))
 RATE = float(os.environ.get("INFLOW_CHAOS_RATE", "80"))
-OUTAGE_S = float(os.environ.get("INFLOW_CHAOS_OUTAGE_S", "30"))
+OUTAGE_S = float(os.environ.get("INFLOW_CHAOS_OUTAGE_S", "20"))
 
 RESULTS: list[Figures] = []
 
