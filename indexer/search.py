@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -31,6 +33,12 @@ SOURCE_FILTER: dict[str, Any] = {"excludes": [EMBEDDING_FIELD]}
 # date_histogram's fixed_interval units (calendar units such as 1M would need calendar_interval).
 _FIXED_INTERVAL_RE = re.compile(r"^[1-9][0-9]*(ms|s|m|h|d)$")
 DEFAULT_PERCENTS = (50.0, 90.0, 95.0, 99.0)
+# Reciprocal rank fusion: a document's fused score is the sum over rankings of
+# 1 / (RRF_RANK_CONSTANT + rank). 60 is the constant of Cormack et al. (2009) and Elasticsearch's
+# default; each half contributes its top RRF_WINDOW (Elasticsearch's rank_window_size).
+RRF_RANK_CONSTANT = 60
+RRF_WINDOW = 100
+Fusion = Literal["auto", "server", "client"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +169,57 @@ def build_knn_query(
     if filters:
         knn["filter"] = [dict(f) for f in filters]
     return {"knn": knn, "size": k, "_source": SOURCE_FILTER}
+
+
+def build_rrf_query(
+    q: str,
+    vector: Sequence[float],
+    *,
+    k: int = 10,
+    window: int = RRF_WINDOW,
+    filters: Sequence[Mapping[str, Any]] = (),
+    dims: int | None = EMBEDDING_DIMS,
+) -> dict[str, Any]:
+    """A search body for Elasticsearch's own ``rrf`` retriever (x-pack, 8.14+): the text
+    query and the kNN query, both filtered, fused on the server."""
+    _check_k(k)
+    if not k <= window <= MAX_RESULT_WINDOW:
+        raise ValueError(f"window must be in {k}..{MAX_RESULT_WINDOW}, got {window}")
+    text = build_text_query(q, k=window, filters=filters, highlight=False)
+    knn = build_knn_query(vector, k=window, filters=filters, dims=dims)
+    return {
+        "retriever": {
+            "rrf": {
+                "retrievers": [{"standard": {"query": text["query"]}}, {"knn": knn["knn"]}],
+                "rank_window_size": window,
+                "rank_constant": RRF_RANK_CONSTANT,
+            }
+        },
+        "size": k,
+        "_source": SOURCE_FILTER,
+    }
+
+
+def fuse_rrf(
+    rankings: Sequence[Sequence[Hit]], *, k: int, rank_constant: int = RRF_RANK_CONSTANT
+) -> list[Hit]:
+    """The top ``k`` of several rankings by reciprocal rank fusion, as Elasticsearch's ``rrf``
+    retriever computes it: each hit's score becomes the sum of ``1 / (rank_constant + rank)``
+    over the rankings that hold it (rank from 1). Ties go to the better best rank, then the
+    id, so the order never depends on dictionary order. A hit keeps the first ranking's
+    highlights and document."""
+    if rank_constant < 1:
+        raise ValueError(f"rank_constant must be >= 1, got {rank_constant}")
+    fused: dict[str, float] = {}
+    best_rank: dict[str, int] = {}
+    first: dict[str, Hit] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, 1):
+            fused[hit.id] = fused.get(hit.id, 0.0) + 1.0 / (rank_constant + rank)
+            best_rank[hit.id] = min(best_rank.get(hit.id, rank), rank)
+            first.setdefault(hit.id, hit)
+    order = sorted(fused, key=lambda i: (-fused[i], best_rank[i], i))
+    return [dataclasses.replace(first[i], score=fused[i]) for i in order[:k]]
 
 
 def build_label_counts_query(
@@ -336,9 +395,19 @@ class Searcher:
         *,
         client: AsyncElasticsearch | None = None,
         alias: str = DEFAULT_ALIAS,
+        fusion: Fusion = "auto",
     ) -> None:
         self._slot = ClientSlot(settings, client)
         self._alias = validate_alias(alias)
+        if fusion not in ("auto", "server", "client"):
+            raise ValueError(f"fusion must be auto, server or client, got {fusion!r}")
+        self._fusion: Fusion = fusion
+
+    @property
+    def fusion(self) -> Fusion:
+        """Where hybrid search fuses: "server" (Elasticsearch's rrf retriever), "client", or
+        "auto" until the first hybrid search has found out which the cluster offers."""
+        return self._fusion
 
     async def start(self) -> None:
         self._slot.open()
@@ -405,6 +474,54 @@ class Searcher:
             vector, k=k, num_candidates=num_candidates, filters=filters, dims=None
         )
         return parse_search_response(await self._search(body))
+
+    async def search_hybrid(
+        self,
+        q: str,
+        vector: Sequence[float],
+        *,
+        k: int = 10,
+        window: int = RRF_WINDOW,
+        label: str | Sequence[str] | None = None,
+        model_version: str | None = None,
+        since: DateLike | None = None,
+        until: DateLike | None = None,
+        time_field: TimeField = "processed_ts",
+    ) -> SearchResult:
+        """Full-text and kNN, both under the same filters, fused by reciprocal rank fusion:
+        on the server where the cluster has the ``rrf`` retriever (x-pack), else here on the
+        two halves' top ``window`` each, with the same formula. "auto" asks the server once
+        and remembers its answer."""
+        filters = build_filters(
+            label=label,
+            model_version=model_version,
+            since=since,
+            until=until,
+            time_field=time_field,
+        )
+        window = max(window, k)  # each half must reach as deep as the answer
+        if self._fusion != "client":
+            body = build_rrf_query(q, vector, k=k, window=window, filters=filters, dims=None)
+            try:
+                return parse_search_response(await self._search(body))
+            except IndexRequestError as exc:
+                if self._fusion == "server" or not _lacks_rrf(exc):
+                    raise
+                self._fusion = "client"
+            else:
+                self._fusion = "server"
+        text_body = build_text_query(q, k=window, filters=filters)
+        knn_body = build_knn_query(vector, k=window, filters=filters, dims=None)
+        text, knn = await asyncio.gather(self._search(text_body), self._search(knn_body))
+        halves = [parse_search_response(text), parse_search_response(knn)]
+        hits = fuse_rrf([h.hits for h in halves], k=k)
+        union = {hit.id for half in halves for hit in half.hits}
+        return SearchResult(
+            total=max(len(union), *(h.total for h in halves)),
+            total_is_exact=all(h.total_is_exact and h.total <= window for h in halves),
+            took_ms=max(h.took_ms for h in halves),
+            hits=hits,
+        )
 
     async def label_counts(
         self,
@@ -518,6 +635,17 @@ class Searcher:
             raise _translate(exc) from exc
         result: Mapping[str, Any] = response.body
         return result
+
+
+def _lacks_rrf(exc: IndexRequestError) -> bool:
+    """The cluster has no ``rrf`` retriever: unknown (no x-pack, as on the node built from
+    Maven jars) or not licensed (x-pack on a basic licence)."""
+    reason = str(exc).lower()
+    return (
+        exc.status in (400, 403)
+        and "rrf" in reason
+        and ("unknown" in reason or "license" in reason or "non-compliant" in reason)
+    )
 
 
 def _translate(exc: TransportError | ApiError) -> IndexUnavailable | IndexRequestError:

@@ -15,3 +15,7 @@ class KafkaUnavailable(InflowError):
 
 class SearchUnavailable(InflowError):
     retriable = True
+
+
+class CutoverRefused(InflowError):
+    """`inflow reindex` measured the new model worse than the live one on the eval set."""

@@ -46,7 +46,8 @@ DEFAULT_K = 10
 LABEL_RE = re.compile(r"^[\w.:-]{1,64}$")
 _K_RE = re.compile(r"^[0-9]{1,4}$")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-PARAMETERS = {"search": ("q", "label", "k"), "similar": ("text", "label", "k")}
+PARAMETERS = {"search": ("q", "label", "k", "mode"), "similar": ("text", "label", "k")}
+SEARCH_MODES = ("text", "hybrid")  # /search?mode=: BM25 alone, or fused with kNN
 TEXT_PARAMETER = {"search": "q", "similar": "text"}
 
 
@@ -60,19 +61,21 @@ class SearchRequest:
     text: str
     label: str | None
     k: int
+    mode: str = "text"  # /search only: "text" | "hybrid"
 
 
 def parse_search_params(
     view: str, items: Iterable[tuple[str, str]], raw_length: int = 0
 ) -> SearchRequest:
-    """The checked parameters of /search (q, label, k) or /similar (text, label, k).
+    """The checked parameters of /search (q, label, k, mode) or /similar (text, label, k).
 
     Refused: unknown or repeated parameters, a raw query string over MAX_QUERY_STRING, text
     that is blank, over MAX_QUERY_CHARS or holds control characters, a label that is not 1-64
     word characters, '.', ':' or '-', and k outside 1..MAX_K."""
     allowed = PARAMETERS[view]
     text_name = TEXT_PARAMETER[view]
-    usage = f"/{view}?{text_name}=words[&label=L][&k=1..{MAX_K}]"
+    modes = "[&mode=text|hybrid]" if view == "search" else ""
+    usage = f"/{view}?{text_name}=words[&label=L][&k=1..{MAX_K}]{modes}"
     if raw_length > MAX_QUERY_STRING:
         raise BadRequest(f"query string longer than {MAX_QUERY_STRING} characters")
     values: dict[str, str] = {}
@@ -98,7 +101,10 @@ def parse_search_params(
         if not _K_RE.fullmatch(raw_k) or not 1 <= int(raw_k) <= MAX_K:
             raise BadRequest(f"k must be a whole number between 1 and {MAX_K}")
         k = int(raw_k)
-    return SearchRequest(view, text, label, k)
+    mode = values.get("mode", "text")
+    if mode not in SEARCH_MODES:
+        raise BadRequest(f"mode must be one of {', '.join(SEARCH_MODES)}")
+    return SearchRequest(view, text, label, k, mode)
 
 
 class Refused(Exception):
@@ -234,12 +240,17 @@ class SearchViews:
         return status, body, extra
 
     async def _run(self, request: SearchRequest) -> SearchResult:
-        if request.view == "search":
+        if request.view == "search" and request.mode == "text":
             result: SearchResult = await self._searcher.search_text(
                 request.text, label=request.label, k=request.k
             )
             return result
         vector = await self._embed_bounded(request.text)
+        if request.view == "search":  # hybrid: the same text as words and as meaning
+            hybrid: SearchResult = await self._searcher.search_hybrid(
+                request.text, vector, k=request.k, label=request.label
+            )
+            return hybrid
         similar: SearchResult = await self._searcher.search_similar(
             vector, k=request.k, label=request.label
         )
@@ -276,7 +287,12 @@ class SearchViews:
     ) -> None:
         """One JSON line: who, what, when, how many hits. Never the key itself."""
         if request is not None:
-            what: dict[str, Any] = {"query": request.text, "label": request.label, "k": request.k}
+            what: dict[str, Any] = {
+                "query": request.text,
+                "label": request.label,
+                "k": request.k,
+                "mode": request.mode,
+            }
         else:  # refused or malformed: what was asked, cut short
             what = {"params": {name[:40]: value[:200] for name, value in items[:8]}}
         record = {

@@ -91,7 +91,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         _settings(args),
         args.query,
         label=args.label,
-        similar=args.similar,
+        mode="similar" if args.similar else "hybrid" if args.hybrid else "text",
         k=args.k,
         as_json=args.json,
     )
@@ -248,6 +248,41 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_eval_retrieval(args: argparse.Namespace) -> int:
+    from streams.cli.evaluate import run_eval_retrieval
+
+    return run_eval_retrieval(
+        _settings(args),
+        args.folder,
+        version=args.version,
+        as_json=args.json,
+        keep=args.keep,
+        quiet=args.quiet,
+    )
+
+
+def _add_eval_commands(sub: Any) -> None:
+    evals = sub.add_parser("eval", help="measure quality on an eval set").add_subparsers(
+        dest="eval", required=True
+    )
+    retrieval = evals.add_parser(
+        "retrieval",
+        help="nDCG@10, P@10 and recall@100 of BM25, kNN and hybrid search on a BEIR folder",
+    )
+    retrieval.add_argument(
+        "folder",
+        nargs="?",
+        type=Path,
+        default=None,
+        help="corpus.jsonl, queries.jsonl, qrels/test.tsv (default: the shipped bbc-topics set)",
+    )
+    retrieval.add_argument("--version", default=None, help="engine version (default: active)")
+    retrieval.add_argument("--json", type=Path, default=None, help="also write JSON (- = stdout)")
+    retrieval.add_argument("--keep", action="store_true", help="keep the eval index")
+    retrieval.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    retrieval.set_defaults(handler=cmd_eval_retrieval)
+
+
 def _add_reindex_command(sub: Any) -> None:
     rx = sub.add_parser(
         "reindex",
@@ -277,6 +312,22 @@ def _add_reindex_command(sub: Any) -> None:
         help="keep following the input after activation (default 3 x INFLOW_ENGINE_POLL_S + 5)",
     )
     rx.add_argument("--metrics-port", type=int, default=None, help="serve inflow_reindex_*")
+    rx.add_argument(
+        "--eval-set",
+        type=Path,
+        default=None,
+        help="a BEIR folder (`inflow eval retrieval`): refuse the cutover when the new model "
+        "scores worse on it than the live one by more than --tolerance",
+    )
+    rx.add_argument(
+        "--tolerance", type=float, default=0.0, help="nDCG@10 the new model may lose (0)"
+    )
+    rx.add_argument(
+        "--eval-mode",
+        choices=("bm25", "knn", "hybrid"),
+        default="knn",
+        help="which search the gate measures (knn: the part a model changes)",
+    )
     rx.add_argument("--quiet", action="store_true", help="no progress bar")
     rx.set_defaults(handler=cmd_reindex)
 
@@ -356,7 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="search indexed predictions")
     search.add_argument("query")
     search.add_argument("--label", default=None)
-    search.add_argument("--similar", action="store_true", help="kNN by the query's embedding")
+    how = search.add_mutually_exclusive_group()
+    how.add_argument("--similar", action="store_true", help="kNN by the query's embedding")
+    how.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="full text and kNN fused by reciprocal rank fusion (on the server where "
+        "Elasticsearch has the rrf retriever, else in the client)",
+    )
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
     search.set_defaults(handler=cmd_search)
@@ -412,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_dlq_commands(sub)
     _add_reindex_command(sub)
+    _add_eval_commands(sub)
 
     try:
         from streams.cli.engine import add_commands

@@ -28,7 +28,8 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
@@ -47,13 +48,18 @@ from indexer import (
     set_index_meta,
     switch_alias,
 )
+from indexer.evaluation import load_beir
 from schemas import DecodeError, TextEvent, decode_event, parse_rfc3339_ms
 from streams.app import es_settings
 from streams.batcher import ItemResult
 from streams.cli.records import topic_partitions
 from streams.config import ConfigError, Settings
+from streams.errors import CutoverRefused
 from streams.infer import InputRecord, build_prediction
 from streams.kafka import client_options
+
+if TYPE_CHECKING:
+    from streams.cli.evaluate import QualityGate
 
 BATCH = 32
 
@@ -98,6 +104,17 @@ class ReindexMetrics:
         self.caught_up = Gauge(
             "inflow_reindex_caught_up", "1 once the backfill reached the topic's end", registry=r
         )
+        self.eval_score = Gauge(
+            "inflow_reindex_eval_score",
+            "The quality gate's figure (nDCG@10 by default) of the new and the live model",
+            ["model", "version"],
+            registry=r,
+        )
+        self.cutover_refused = Gauge(
+            "inflow_reindex_cutover_refused",
+            "1 when the quality gate refused the cutover",
+            registry=r,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +149,12 @@ async def _predict(engine: Any, records: list[Any], topic: str) -> tuple[list[di
             events.append(
                 (InputRecord(topic, m.partition, m.offset, m.key, m.value, _noop), decoded)
             )
-    return await _embed(engine, events), skipped
+    return await embed_documents(engine, events), skipped
 
 
-async def _embed(engine: Any, events: list[tuple[InputRecord, TextEvent]]) -> list[dict[str, Any]]:
+async def embed_documents(
+    engine: Any, events: list[tuple[InputRecord, TextEvent]]
+) -> list[dict[str, Any]]:
     """The new model's documents for `events` (where each was read, what it said)."""
     if not events:
         return []
@@ -170,6 +189,7 @@ async def reindex(
     handover_s: float,
     metrics: ReindexMetrics,
     quiet: bool = False,
+    gate: QualityGate | None = None,
 ) -> Plan:
     from engines.load import load_engine
 
@@ -179,6 +199,8 @@ async def reindex(
     es = es_settings(settings).make_client()
     try:
         serving = await alias_indices(es, settings.es_alias)
+        if gate is not None:
+            await _check_gate(settings, es, gate, version, serving, metrics, quiet)
         target = ModelIndices(es, settings.es_alias)
         doc = {"model": {"version": version}, "embedding_dim": manifest.embedding_dim}
         write_alias = await target.target(doc)
@@ -213,6 +235,34 @@ async def reindex(
         return plan
     finally:
         await es.close()
+
+
+async def _check_gate(
+    settings: Settings,
+    es: AsyncElasticsearch,
+    gate: QualityGate,
+    version: str,
+    serving: list[str],
+    metrics: ReindexMetrics,
+    quiet: bool,
+) -> None:
+    """Before any backfill: measure the new and the live model on the eval set (each in a
+    private index) and refuse when the new one is worse by more than the tolerance."""
+    from streams.cli.evaluate import check_quality
+
+    live = [v for v in [(await index_meta(es, i)).get("version") for i in serving] if v]
+    if not live:
+        _say("quality gate: the alias serves no model yet, nothing to compare with")
+        return
+    if live[0] == version:
+        return
+    verdict = await check_quality(settings, gate, version, str(live[0]), quiet=quiet)
+    metrics.eval_score.labels("new", version).set(verdict.new_score)
+    metrics.eval_score.labels("live", verdict.live_version).set(verdict.live_score)
+    metrics.cutover_refused.set(0 if verdict.passed else 1)
+    if not verdict.passed:
+        raise CutoverRefused(verdict.line())
+    _say(verdict.line())
 
 
 async def _backfill(
@@ -349,7 +399,7 @@ async def _from_stored_text(
 
     async def flush() -> None:
         nonlocal done, events
-        docs = await _embed(engine, events)
+        docs = await embed_documents(engine, events)
         outcome = await writer.bulk_index(docs)
         if outcome.rejected:
             raise ConfigError(f"{plan.index} refused {len(outcome.rejected)} documents")
@@ -404,8 +454,12 @@ def run_reindex(
     handover_s: float | None,
     metrics_port: int | None,
     quiet: bool,
+    eval_set: Path | None = None,
+    tolerance: float = 0.0,
+    eval_mode: str = "knn",
 ) -> int:
     from streams.cli.dlq import parse_time
+    from streams.cli.evaluate import QualityGate
 
     if rollback == (version is not None):
         raise ConfigError("name --version V, or --rollback (not both)")
@@ -417,6 +471,9 @@ def run_reindex(
         since_ms = cutover_ms - 60_000  # what the old index missed, with a margin
         _say(f"rolling back to {version}: re-embedding events since the cutover")
     assert version is not None
+    gate = None
+    if eval_set is not None:
+        gate = QualityGate(load_beir(eval_set), tolerance=tolerance, mode=eval_mode)
     metrics = ReindexMetrics()
     if metrics_port is not None:
         start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
@@ -431,6 +488,7 @@ def run_reindex(
             handover_s=wait,
             metrics=metrics,
             quiet=quiet,
+            gate=gate,
         )
     )
     print(f"{settings.es_alias} -> {plan.index} ({plan.version})")

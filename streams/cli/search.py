@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from typing import Literal
 
 from indexer import Searcher, SearchResult
 from streams.app import es_settings
@@ -22,14 +23,19 @@ def embed_query(settings: Settings, text: str) -> list[float]:
         engine.close()
 
 
+SearchMode = Literal["text", "similar", "hybrid"]
+
+
 async def search(
-    settings: Settings, query: str, *, label: str | None, similar: bool, k: int
+    settings: Settings, query: str, *, label: str | None, mode: SearchMode, k: int
 ) -> SearchResult:
     async with Searcher(es_settings(settings), alias=settings.es_alias) as searcher:
-        if similar:
-            vector = await asyncio.to_thread(embed_query, settings, query)
+        if mode == "text":
+            return await searcher.search_text(query, label=label, k=k)
+        vector = await asyncio.to_thread(embed_query, settings, query)
+        if mode == "similar":
             return await searcher.search_similar(vector, k=k, label=label)
-        return await searcher.search_text(query, label=label, k=k)
+        return await searcher.search_hybrid(query, vector, k=k, label=label)
 
 
 def format_result(result: SearchResult, width: int = 100) -> str:
@@ -44,9 +50,9 @@ def format_result(result: SearchResult, width: int = 100) -> str:
 
 
 def run_search(
-    settings: Settings, query: str, *, label: str | None, similar: bool, k: int, as_json: bool
+    settings: Settings, query: str, *, label: str | None, mode: SearchMode, k: int, as_json: bool
 ) -> int:
-    result = asyncio.run(search(settings, query, label=label, similar=similar, k=k))
+    result = asyncio.run(search(settings, query, label=label, mode=mode, k=k))
     if as_json:
         hits = [
             {key: value for key, value in dataclasses.asdict(hit).items() if key != "doc"}
