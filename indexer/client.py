@@ -86,7 +86,9 @@ def describe_es_error(exc: BaseException) -> str:
             )
         body = exc.body
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            reason = str(body["error"].get("type") or body["error"].get("reason") or "")
+            kind = str(body["error"].get("type") or "")
+            detail = str(body["error"].get("reason") or "")
+            reason = f"{kind} ({detail[:200]})" if kind and detail else kind or detail
         else:
             reason = str(exc.message)
         return f"Elasticsearch answered HTTP {status}: {_one_line(reason)}"

@@ -39,6 +39,15 @@ DEFAULT_PERCENTS = (50.0, 90.0, 95.0, 99.0)
 RRF_RANK_CONSTANT = 60
 RRF_WINDOW = 100
 Fusion = Literal["auto", "server", "client"]
+# How hybrid search combines its halves. "linear" (relative score fusion): each half's scores
+# min-max normalized over its top window, then HYBRID_ALPHA * kNN + (1 - HYBRID_ALPHA) * BM25,
+# Weaviate's default fusion and weight (alpha 0.75) and Elasticsearch's `linear` retriever with
+# the minmax normalizer. "rrf": reciprocal rank fusion, rank only. Linear is the default: when
+# one half is much better than the other (kNN on topical queries), RRF's equal votes drag the
+# fused ranking towards the worse half (see README, "Search quality").
+HybridMethod = Literal["linear", "rrf"]
+HYBRID_METHODS: tuple[HybridMethod, ...] = ("linear", "rrf")
+HYBRID_ALPHA = 0.75
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +231,39 @@ def fuse_rrf(
     return [dataclasses.replace(first[i], score=fused[i]) for i in order[:k]]
 
 
+def _minmax(hits: Sequence[Hit]) -> dict[str, float]:
+    scores = [h.score for h in hits if h.score is not None]
+    if not scores:
+        return {}
+    lo, hi = min(scores), max(scores)
+    return {
+        h.id: 1.0 if hi == lo else ((h.score if h.score is not None else lo) - lo) / (hi - lo)
+        for h in hits
+    }
+
+
+def fuse_linear(
+    text: Sequence[Hit], knn: Sequence[Hit], *, k: int, alpha: float = HYBRID_ALPHA
+) -> list[Hit]:
+    """The top ``k`` by relative score fusion: ``alpha * knn + (1 - alpha) * text`` on each
+    half's min-max normalized scores (a hit one half lacks scores 0 there). Ties go to the
+    better best rank, then the id. A hit keeps the text half's highlights when it has them."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in 0..1, got {alpha}")
+    text_scores, knn_scores = _minmax(text), _minmax(knn)
+    best_rank: dict[str, int] = {}
+    first: dict[str, Hit] = {}
+    for ranking in (text, knn):
+        for rank, hit in enumerate(ranking, 1):
+            best_rank[hit.id] = min(best_rank.get(hit.id, rank), rank)
+            first.setdefault(hit.id, hit)
+    fused = {
+        i: alpha * knn_scores.get(i, 0.0) + (1.0 - alpha) * text_scores.get(i, 0.0) for i in first
+    }
+    order = sorted(fused, key=lambda i: (-fused[i], best_rank[i], i))
+    return [dataclasses.replace(first[i], score=fused[i]) for i in order[:k]]
+
+
 def build_label_counts_query(
     *, q: str | None = None, filters: Sequence[Mapping[str, Any]] = (), size: int = 100
 ) -> dict[str, Any]:
@@ -396,17 +438,21 @@ class Searcher:
         client: AsyncElasticsearch | None = None,
         alias: str = DEFAULT_ALIAS,
         fusion: Fusion = "auto",
+        hybrid: HybridMethod = "linear",
     ) -> None:
         self._slot = ClientSlot(settings, client)
         self._alias = validate_alias(alias)
         if fusion not in ("auto", "server", "client"):
             raise ValueError(f"fusion must be auto, server or client, got {fusion!r}")
         self._fusion: Fusion = fusion
+        if hybrid not in HYBRID_METHODS:
+            raise ValueError(f"hybrid must be one of {', '.join(HYBRID_METHODS)}, got {hybrid!r}")
+        self._hybrid: HybridMethod = hybrid
 
     @property
     def fusion(self) -> Fusion:
-        """Where hybrid search fuses: "server" (Elasticsearch's rrf retriever), "client", or
-        "auto" until the first hybrid search has found out which the cluster offers."""
+        """Where RRF hybrid search fuses: "server" (Elasticsearch's rrf retriever), "client",
+        or "auto" until the first RRF search has found out which the cluster offers."""
         return self._fusion
 
     async def start(self) -> None:
@@ -482,16 +528,20 @@ class Searcher:
         *,
         k: int = 10,
         window: int = RRF_WINDOW,
+        method: HybridMethod | None = None,
         label: str | Sequence[str] | None = None,
         model_version: str | None = None,
         since: DateLike | None = None,
         until: DateLike | None = None,
         time_field: TimeField = "processed_ts",
     ) -> SearchResult:
-        """Full-text and kNN, both under the same filters, fused by reciprocal rank fusion:
-        on the server where the cluster has the ``rrf`` retriever (x-pack), else here on the
-        two halves' top ``window`` each, with the same formula. "auto" asks the server once
-        and remembers its answer."""
+        """Full-text and kNN, both under the same filters, each to depth ``window``, fused by
+        ``method`` (this searcher's default when None; see HybridMethod). "rrf" runs on the
+        server where the cluster has the ``rrf`` retriever (x-pack), else here with the same
+        formula; "auto" asks the server once and remembers its answer. "linear" fuses here."""
+        method = method or self._hybrid
+        if method not in HYBRID_METHODS:
+            raise ValueError(f"method must be one of {', '.join(HYBRID_METHODS)}, got {method!r}")
         filters = build_filters(
             label=label,
             model_version=model_version,
@@ -500,7 +550,7 @@ class Searcher:
             time_field=time_field,
         )
         window = max(window, k)  # each half must reach as deep as the answer
-        if self._fusion != "client":
+        if method == "rrf" and self._fusion != "client":
             body = build_rrf_query(q, vector, k=k, window=window, filters=filters, dims=None)
             try:
                 return parse_search_response(await self._search(body))
@@ -514,7 +564,10 @@ class Searcher:
         knn_body = build_knn_query(vector, k=window, filters=filters, dims=None)
         text, knn = await asyncio.gather(self._search(text_body), self._search(knn_body))
         halves = [parse_search_response(text), parse_search_response(knn)]
-        hits = fuse_rrf([h.hits for h in halves], k=k)
+        if method == "rrf":
+            hits = fuse_rrf([h.hits for h in halves], k=k)
+        else:
+            hits = fuse_linear(halves[0].hits, halves[1].hits, k=k)
         union = {hit.id for half in halves for hit in half.hits}
         return SearchResult(
             total=max(len(union), *(h.total for h in halves)),

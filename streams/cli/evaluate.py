@@ -19,18 +19,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from elasticsearch import ApiError
+
 from engines.registry import Registry
 from indexer import BulkWriter, Searcher
 from indexer.evaluation import METRICS, EvalSet, Scores, load_beir, score_run, shipped_set
 from indexer.mapping import prediction_mappings
-from indexer.search import RRF_WINDOW
+from indexer.search import HYBRID_ALPHA
 from schemas import TextEvent
 from streams.app import es_settings
 from streams.cli.reindex import embed_documents
 from streams.config import ConfigError, Settings
 from streams.records import InputRecord
 
-MODES = ("bm25", "knn", "hybrid")
+MODES = ("bm25", "knn", "hybrid", "hybrid-rrf")  # hybrid: linear fusion, the default
 DEPTH = 100  # ranks kept per query: recall@100 needs them all
 EMBED_BATCH = 32
 EVAL_TOPIC = "inflow-eval"  # the documents' `source.topic`: no Kafka topic is read
@@ -42,7 +44,8 @@ class RetrievalReport:
     version: str
     documents: int
     queries: int
-    fusion: str  # where hybrid fused: "server" (Elasticsearch's rrf retriever) or "client"
+    fusion: str  # where hybrid-rrf fused: "server" (Elasticsearch's rrf retriever) or "client"
+    index: str  # the private index (deleted after the run unless --keep)
     index_s: float
     scores: dict[str, Scores]  # mode -> scores
 
@@ -52,15 +55,16 @@ class RetrievalReport:
         return out
 
     def table(self) -> str:
-        head = f"{'mode':<8}" + "".join(f"{m:>12}" for m in METRICS)
+        head = f"{'mode':<11}" + "".join(f"{m:>12}" for m in METRICS)
         rows = [
-            f"{mode:<8}" + "".join(f"{v:>12.3f}" for v in self.scores[mode].as_dict().values())
+            f"{mode:<11}" + "".join(f"{v:>12.3f}" for v in self.scores[mode].as_dict().values())
             for mode in MODES
         ]
         return "\n".join(
             [
                 f"{self.eval_set}: {self.documents} documents, {self.queries} queries, engine "
-                f"{self.version}, hybrid fused in the {self.fusion}",
+                f"{self.version}; hybrid = linear fusion (alpha {HYBRID_ALPHA}), hybrid-rrf fused "
+                f"in the {self.fusion}",
                 head,
                 *rows,
             ]
@@ -138,6 +142,12 @@ async def evaluate_retrieval(
             await _index_corpus(engine, writer, evalset, say)
         finally:
             await writer.stop()
+        # One segment: int8_hnsw (the default from 8.14 on) quantizes per segment, so the kNN
+        # figures would otherwise depend on how bulk requests happened to fall into segments.
+        try:
+            await es.indices.forcemerge(index=index, max_num_segments=1)
+        except ApiError as exc:  # serverless clusters refuse it: figures may then vary a little
+            say(f"force merge refused ({exc.meta.status}): kNN figures may vary between runs")
         await es.indices.refresh(index=index)
         index_s = time.monotonic() - started
         ids = list(evalset.queries)
@@ -149,8 +159,9 @@ async def evaluate_retrieval(
             for n, (qid, text, vector) in enumerate(zip(ids, texts, vectors, strict=True), 1):
                 text_hits = await searcher.search_text(text, k=DEPTH)
                 knn_hits = await searcher.search_similar(vector, k=DEPTH)
-                hybrid_hits = await searcher.search_hybrid(text, vector, k=DEPTH, window=RRF_WINDOW)
-                for mode, result in zip(MODES, (text_hits, knn_hits, hybrid_hits), strict=True):
+                linear = await searcher.search_hybrid(text, vector, k=DEPTH, method="linear")
+                rrf = await searcher.search_hybrid(text, vector, k=DEPTH, method="rrf")
+                for mode, result in zip(MODES, (text_hits, knn_hits, linear, rrf), strict=True):
                     runs[mode][qid] = [hit.id for hit in result.hits]
                 if n % 10 == 0 or n == len(ids):
                     say(f"searched {n}/{len(ids)} queries")
@@ -161,6 +172,7 @@ async def evaluate_retrieval(
             documents=len(evalset.corpus),
             queries=len(ids),
             fusion=fusion,
+            index=index,
             index_s=round(index_s, 2),
             scores={mode: score_run(runs[mode], evalset.qrels) for mode in MODES},
         )

@@ -324,7 +324,7 @@ def _add_reindex_command(sub: Any) -> None:
     )
     rx.add_argument(
         "--eval-mode",
-        choices=("bm25", "knn", "hybrid"),
+        choices=("bm25", "knn", "hybrid", "hybrid-rrf"),
         default="knn",
         help="which search the gate measures (knn: the part a model changes)",
     )

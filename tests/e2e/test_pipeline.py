@@ -130,6 +130,15 @@ async def test_valid_events_predicted_and_indexed_malformed_dead_lettered(
     label = sample.label
     filtered = _search_cli(env, "cat windowsill", "--label", label, "-k", "5")["hits"]
     assert isinstance(filtered, list) and filtered and all(h["label"] == label for h in filtered)
+    # Hybrid: no content word of the query is in the cat's text, and kNN still brings it into
+    # the fused top 3; the label filter holds on both halves.
+    hybrid = _search_cli(env, "a kitten napping in the sun by the window", "--hybrid", "-k", "3")[
+        "hits"
+    ]
+    assert isinstance(hybrid, list) and "known-cat" in [h["id"] for h in hybrid]
+    hybrid = _search_cli(env, "cat windowsill", "--hybrid", "--label", label, "-k", "50")["hits"]
+    assert isinstance(hybrid, list) and hybrid and all(h["label"] == label for h in hybrid)
+    assert {h["id"] for h in filtered} <= {h["id"] for h in hybrid}
 
 
 async def test_sigterm_mid_stream_then_restart_loses_nothing(

@@ -475,7 +475,11 @@ async def test_full_flow_with_every_credential_and_no_secret_anywhere(
         status, head, _ = _http(f"{search_url}/search?{query}", headers, outputs)
         assert status == 401 and head.get("WWW-Authenticate") == "ApiKey", headers
     for key in (old_key, new_key_):
-        for path in (f"/search?{query}", f"/similar?text={marker}&k=3"):
+        for path in (
+            f"/search?{query}",
+            f"/search?{query}&mode=hybrid",
+            f"/similar?text={marker}&k=3",
+        ):
             status, _, body = _http(
                 f"{search_url}{path}", {"Authorization": f"ApiKey {key}"}, outputs
             )
