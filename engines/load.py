@@ -24,6 +24,7 @@ def open_engine(
     warmup: bool = True,
     threads: int | None = None,
     providers: list[str] | None = None,
+    max_passages: int = 1,
 ) -> LoadedEngine:
     """Open the artifacts in `folder` as described by `manifest` (no hash check here)."""
     folder = Path(folder)
@@ -82,7 +83,7 @@ def open_engine(
             task=manifest.task,
             embedding_dim=manifest.embedding_dim,
         )
-        engine = LoadedEngine(tokenizer, backend, identity, manifest.labels)
+        engine = LoadedEngine(tokenizer, backend, identity, manifest.labels, max_passages)
     except Exception as exc:
         backend.close()  # the session is open: give its memory back
         if isinstance(exc, EngineError):
@@ -120,6 +121,7 @@ def load_engine(
     verify: bool = True,
     threads: int | None = None,
     providers: list[str] | None = None,
+    max_passages: int = 1,
 ) -> Engine:
     """The active engine (or `version`) of the registry at `registry_root`, warmed up.
 
@@ -138,4 +140,11 @@ def load_engine(
     folder = registry.path(version)
     if verify:
         verify_files(folder, manifest)
-    return open_engine(folder, manifest, warmup=warmup, threads=threads, providers=providers)
+    return open_engine(
+        folder,
+        manifest,
+        warmup=warmup,
+        threads=threads,
+        providers=providers,
+        max_passages=max_passages,
+    )

@@ -16,8 +16,9 @@ import numpy as np
 
 from engines.backends.base import Backend
 from engines.tokenize import Tokenizer
-from engines.types import BatchResult, Engine, ModelIdentity, TokenizedText
+from engines.types import BatchResult, Engine, ModelIdentity, Passage, Span, TokenizedText
 
+MAX_PASSAGES = 64  # windows per text at most (INFLOW_PASSAGES_MAX's bound)
 WARMUP_TEXTS = (
     "warm-up",
     "This is a warm-up sentence so that the runtime allocates its buffers before traffic.",
@@ -34,9 +35,13 @@ class LoadedEngine:
         backend: Backend,
         identity: ModelIdentity,
         labels: Sequence[str],
+        max_passages: int = 1,
     ) -> None:
         if backend.max_seq_len < tokenizer.max_seq_len:
             raise ValueError("the tokenizer may emit longer sequences than the backend accepts")
+        if not 1 <= max_passages <= MAX_PASSAGES:
+            raise ValueError(f"max_passages must be in 1..{MAX_PASSAGES}, got {max_passages}")
+        self.max_passages = max_passages
         self._tokenizer = tokenizer
         self._backend: Backend | None = backend
         self._identity = identity
@@ -126,10 +131,13 @@ class LoadedEngine:
         self, texts: list[str], tokens: Sequence[TokenizedText] | None = None
     ) -> BatchResult:
         probs, emb, truncated = self.run_raw(texts, tokens)
+        passages = None
+        if self.max_passages > 1:
+            probs, passages, truncated = self._passages(texts, probs, emb, truncated)
         labels = self.labels
         if not labels:  # an embedder: no label, no scores
             return BatchResult(
-                [None] * len(texts), [{}] * len(texts), emb, truncated, self._identity
+                [None] * len(texts), [{}] * len(texts), emb, truncated, self._identity, passages
             )
         top = probs.argmax(axis=1) if len(texts) else np.zeros(0, dtype=np.int64)
         scores = [{label: float(p) for label, p in zip(labels, row, strict=True)} for row in probs]
@@ -139,7 +147,39 @@ class LoadedEngine:
             embeddings=emb,
             truncated=truncated,
             model=self._identity,
+            passages=passages,
         )
+
+    def _passages(
+        self, texts: list[str], probs: np.ndarray, emb: np.ndarray, truncated: list[bool]
+    ) -> tuple[np.ndarray, list[list[Passage]], list[bool]]:
+        """Every window of each text that did not fit, embedded in one more run: the texts'
+        passages, scores pooled over their windows (a mean weighted by each window's length
+        in characters) and whether any text is still cut (more windows than max_passages)."""
+        spans: list[list[Span]] = []
+        still_cut: list[bool] = []
+        for text, cut in zip(texts, truncated, strict=True):
+            found, complete = (
+                self._tokenizer.windows(text, self.max_passages)
+                if cut
+                else ([Span(0, len(text))], True)
+            )
+            spans.append(found)
+            still_cut.append(not complete)
+        extra = [(i, span) for i, found in enumerate(spans) for span in found[1:]]
+        more_probs, more_emb, _ = self.run_raw([texts[i][s.start : s.end] for i, s in extra])
+        pooled = probs.copy()
+        passages = [
+            [Passage(found[0].start, found[0].end, emb[i])] for i, found in enumerate(spans)
+        ]
+        weights = [float(found[0].end - found[0].start) for found in spans]
+        pooled *= np.asarray(weights, dtype=np.float32)[:, None]
+        for j, (i, span) in enumerate(extra):
+            passages[i].append(Passage(span.start, span.end, more_emb[j]))
+            pooled[i] += more_probs[j] * (span.end - span.start)
+            weights[i] += span.end - span.start
+        pooled /= np.maximum(np.asarray(weights, dtype=np.float32), 1.0)[:, None]
+        return pooled, passages, still_cut
 
     def warmup(self, rounds: int = 2) -> None:
         """Run a few small batches so first real requests do not pay allocation costs."""

@@ -42,6 +42,23 @@ class TokenizedText:
 
 
 @dataclass(frozen=True, slots=True)
+class Span:
+    """Characters [start, end) of a text."""
+
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """One window of a text and its embedding (L2-normalised)."""
+
+    start: int  # first character of the window in the text
+    end: int  # one past its last character
+    embedding: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
 class BatchResult:
     """Results keyed by position in the input batch."""
 
@@ -50,6 +67,9 @@ class BatchResult:
     embeddings: npt.NDArray[np.float32]  # shape (n, model.embedding_dim), L2-normalised rows
     truncated: list[bool]  # True where the text was cut to the engine's max sequence length
     model: ModelIdentity
+    # With passages on (max_passages > 1): each text's windows, one for a text that fits.
+    # Labels and scores then pool every window; `embeddings` stay the first window's.
+    passages: list[list[Passage]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

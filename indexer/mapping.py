@@ -18,13 +18,14 @@ DEFAULT_ALIAS = "inflow-predictions"
 EMBEDDING_DIMS = 384  # the default model's width, and the packaged mappings' default
 MAX_EMBEDDING_DIMS = 4096  # dense_vector's limit
 EMBEDDING_FIELD = "embedding"
+PASSAGES_FIELD = "passages"  # nested: start, end, embedding of each window of a long text
 # processed_ts - event_ts in ms, derived when indexing (actions.latency_ms): no scripts needed.
 LATENCY_FIELD = "latency_ms"
 MAPPINGS_RESOURCE = "prediction_mappings.json"
 # Above the built-in templates (priority 100 for logs-*-*, metrics-*-*, ...), so a
 # configured alias that happens to overlap one of their patterns still gets ours.
 TEMPLATE_PRIORITY = 500
-TEMPLATE_VERSION = 2  # 2: latency_ms
+TEMPLATE_VERSION = 3  # 2: latency_ms, 3: passages
 
 # Leaves room for the "-000001" suffix within Elasticsearch's 255-byte name limit.
 _ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
@@ -59,6 +60,7 @@ def prediction_mappings(dims: int = EMBEDDING_DIMS) -> dict[str, Any]:
         raise ValueError(f"embedding dims must be within 1..{MAX_EMBEDDING_DIMS}, got {dims}")
     mappings = copy.deepcopy(_packaged_mappings())
     mappings["properties"][EMBEDDING_FIELD]["dims"] = dims
+    mappings["properties"][PASSAGES_FIELD]["properties"][EMBEDDING_FIELD]["dims"] = dims
     return mappings
 
 

@@ -22,6 +22,7 @@ from indexer.mapping import (
     EMBEDDING_FIELD,
     LATENCY_FIELD,
     MAX_EMBEDDING_DIMS,
+    PASSAGES_FIELD,
     validate_alias,
 )
 
@@ -29,7 +30,9 @@ TimeField = Literal["event_ts", "processed_ts"]
 DateLike = datetime | str
 MAX_RESULT_WINDOW = 10_000  # Elasticsearch's default index.max_result_window and kNN cap
 # Vectors are large and rarely wanted in results; leave them on the server.
-SOURCE_FILTER: dict[str, Any] = {"excludes": [EMBEDDING_FIELD]}
+SOURCE_FILTER: dict[str, Any] = {
+    "excludes": [EMBEDDING_FIELD, f"{PASSAGES_FIELD}.{EMBEDDING_FIELD}"]
+}
 # date_histogram's fixed_interval units (calendar units such as 1M would need calendar_interval).
 _FIXED_INTERVAL_RE = re.compile(r"^[1-9][0-9]*(ms|s|m|h|d)$")
 DEFAULT_PERCENTS = (50.0, 90.0, 95.0, 99.0)
@@ -64,6 +67,19 @@ class Hit:
     processed_ts: str | None
     highlight: list[str] = field(default_factory=list)
     doc: Mapping[str, Any] = field(default_factory=dict)  # the stored document, no embedding
+    passage: PassageHit | None = None  # kNN over passages: the window that matched best
+
+
+@dataclass(frozen=True, slots=True)
+class PassageHit:
+    """The best-matching window of a long text: the ``index``-th passage, characters
+    [start, end) of the document's text."""
+
+    index: int
+    start: int
+    end: int
+    score: float | None
+    text: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +176,7 @@ def build_knn_query(
     num_candidates: int | None = None,
     filters: Sequence[Mapping[str, Any]] = (),
     dims: int | None = EMBEDDING_DIMS,
+    passages: bool = False,
 ) -> dict[str, Any]:
     """A search body: top-level approximate kNN on ``embedding``, filtered during the search
     (not after it, so a selective filter still returns ``k`` hits). ``dims`` None accepts
@@ -170,11 +187,18 @@ def build_knn_query(
     if candidates < k:
         raise ValueError(f"num_candidates ({candidates}) must be >= k ({k})")
     knn: dict[str, Any] = {
-        "field": EMBEDDING_FIELD,
+        "field": f"{PASSAGES_FIELD}.{EMBEDDING_FIELD}" if passages else EMBEDDING_FIELD,
         "query_vector": check_vector(vector, dims),
         "k": k,
         "num_candidates": candidates,
     }
+    if passages:
+        # A document scores as its best passage (nested kNN, Elasticsearch 8.11+); inner_hits
+        # names that passage.
+        knn["inner_hits"] = {
+            "size": 1,
+            "_source": [f"{PASSAGES_FIELD}.start", f"{PASSAGES_FIELD}.end"],
+        }
     if filters:
         knn["filter"] = [dict(f) for f in filters]
     return {"knn": knn, "size": k, "_source": SOURCE_FILTER}
@@ -188,6 +212,7 @@ def build_rrf_query(
     window: int = RRF_WINDOW,
     filters: Sequence[Mapping[str, Any]] = (),
     dims: int | None = EMBEDDING_DIMS,
+    passages: bool = False,
 ) -> dict[str, Any]:
     """A search body for Elasticsearch's own ``rrf`` retriever (x-pack, 8.14+): the text
     query and the kNN query, both filtered, fused on the server."""
@@ -195,7 +220,7 @@ def build_rrf_query(
     if not k <= window <= MAX_RESULT_WINDOW:
         raise ValueError(f"window must be in {k}..{MAX_RESULT_WINDOW}, got {window}")
     text = build_text_query(q, k=window, filters=filters, highlight=False)
-    knn = build_knn_query(vector, k=window, filters=filters, dims=dims)
+    knn = build_knn_query(vector, k=window, filters=filters, dims=dims, passages=passages)
     return {
         "retriever": {
             "rrf": {
@@ -364,6 +389,23 @@ def parse_hit(raw: Mapping[str, Any]) -> Hit:
         processed_ts=doc.get("processed_ts"),
         highlight=list(highlight.get("text", [])),
         doc=doc,
+        passage=_best_passage(raw, doc.get("text")),
+    )
+
+
+def _best_passage(raw: Mapping[str, Any], text: Any) -> PassageHit | None:
+    inner = (raw.get("inner_hits") or {}).get(PASSAGES_FIELD, {}).get("hits", {}).get("hits")
+    if not inner:
+        return None
+    best = inner[0]
+    span = best.get("_source") or {}
+    start, end = int(span.get("start", 0)), int(span.get("end", 0))
+    return PassageHit(
+        index=int(best.get("_nested", {}).get("offset", 0)),
+        start=start,
+        end=end,
+        score=best.get("_score"),
+        text=text[start:end] if isinstance(text, str) else None,
     )
 
 
@@ -439,6 +481,7 @@ class Searcher:
         alias: str = DEFAULT_ALIAS,
         fusion: Fusion = "auto",
         hybrid: HybridMethod = "linear",
+        passages: bool = False,
     ) -> None:
         self._slot = ClientSlot(settings, client)
         self._alias = validate_alias(alias)
@@ -448,6 +491,7 @@ class Searcher:
         if hybrid not in HYBRID_METHODS:
             raise ValueError(f"hybrid must be one of {', '.join(HYBRID_METHODS)}, got {hybrid!r}")
         self._hybrid: HybridMethod = hybrid
+        self._passages = passages  # kNN over each document's passages (INFLOW_PASSAGES_MAX > 1)
 
     @property
     def fusion(self) -> Fusion:
@@ -506,8 +550,11 @@ class Searcher:
         since: DateLike | None = None,
         until: DateLike | None = None,
         time_field: TimeField = "processed_ts",
+        passages: bool | None = None,
     ) -> SearchResult:
-        """The ``k`` documents whose embeddings are nearest ``vector`` (cosine), best first."""
+        """The ``k`` documents whose embeddings are nearest ``vector`` (cosine), best first;
+        with ``passages`` (this searcher's default when None), by their best passage, which
+        each hit names."""
         filters = build_filters(
             label=label,
             model_version=model_version,
@@ -517,7 +564,12 @@ class Searcher:
         )
         # Any width: each alias holds one model's width, which Elasticsearch checks.
         body = build_knn_query(
-            vector, k=k, num_candidates=num_candidates, filters=filters, dims=None
+            vector,
+            k=k,
+            num_candidates=num_candidates,
+            filters=filters,
+            dims=None,
+            passages=self._passages if passages is None else passages,
         )
         return parse_search_response(await self._search(body))
 
@@ -551,7 +603,9 @@ class Searcher:
         )
         window = max(window, k)  # each half must reach as deep as the answer
         if method == "rrf" and self._fusion != "client":
-            body = build_rrf_query(q, vector, k=k, window=window, filters=filters, dims=None)
+            body = build_rrf_query(
+                q, vector, k=k, window=window, filters=filters, dims=None, passages=self._passages
+            )
             try:
                 return parse_search_response(await self._search(body))
             except IndexRequestError as exc:
@@ -561,7 +615,9 @@ class Searcher:
             else:
                 self._fusion = "server"
         text_body = build_text_query(q, k=window, filters=filters)
-        knn_body = build_knn_query(vector, k=window, filters=filters, dims=None)
+        knn_body = build_knn_query(
+            vector, k=window, filters=filters, dims=None, passages=self._passages
+        )
         text, knn = await asyncio.gather(self._search(text_body), self._search(knn_body))
         halves = [parse_search_response(text), parse_search_response(knn)]
         if method == "rrf":

@@ -387,6 +387,11 @@ def decode_prediction(raw: bytes) -> Prediction | DecodeError:
             version,
         )
     assert dim is not None
+    for n, passage in enumerate(p.passages or ()):
+        if len(passage.embedding) != dim or not passage.start < passage.end <= len(p.text):
+            return _bad_prediction(
+                f"passage {n} must hold {dim} numbers and a span [start, end) of 'text'", version
+            )
     return Prediction(
         id=p.id,
         text=p.text,
@@ -401,6 +406,7 @@ def decode_prediction(raw: bytes) -> Prediction | DecodeError:
         source=p.source,
         task=task,
         embedding_dim=dim,
+        passages=p.passages,
     )
 
 

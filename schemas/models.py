@@ -97,6 +97,16 @@ class Source(msgspec.Struct, frozen=True):
     offset: Annotated[int, msgspec.Meta(ge=0)]
 
 
+class PassageVector(msgspec.Struct, frozen=True):
+    """One window of a long text (characters [start, end) of `text`) and its embedding."""
+
+    start: Annotated[int, msgspec.Meta(ge=0)]
+    end: Annotated[int, msgspec.Meta(ge=1)]
+    embedding: Annotated[list[float], msgspec.Meta(min_length=1, max_length=MAX_EMBEDDING_DIM)]
+
+
+MAX_PASSAGES = 64
+
 # The Annotated constraints are checked by `decode_prediction` (msgspec reads them while
 # decoding); they cost nothing when a Prediction is built in Python.
 _Score = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -123,6 +133,9 @@ class Prediction(msgspec.Struct, frozen=True):
     source: Source
     task: str = TASK_CLASSIFICATION  # "classification" | "embedding"
     embedding_dim: int = EMBEDDING_DIM
+    # With INFLOW_PASSAGES_MAX > 1: the text's windows in order (one for a text that fits);
+    # `embedding` is then the first one's, label and scores pool them all. null otherwise.
+    passages: Annotated[list[PassageVector], msgspec.Meta(max_length=MAX_PASSAGES)] | None = None
 
 
 class WirePrediction(msgspec.Struct, frozen=True):
@@ -141,3 +154,4 @@ class WirePrediction(msgspec.Struct, frozen=True):
     source: Source
     task: str | None = None
     embedding_dim: Annotated[int, msgspec.Meta(ge=1, le=MAX_EMBEDDING_DIM)] | None = None
+    passages: Annotated[list[PassageVector], msgspec.Meta(max_length=MAX_PASSAGES)] | None = None

@@ -186,7 +186,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         writer, publisher, settings.predictions_dlq_topic, metrics, retry, limits=limits
     )
     index_buffer = IndexBuffer(index_stage, settings.index_batch_size, settings.index_max_wait_ms)
-    searcher = Searcher(client=es, alias=settings.es_alias)
+    searcher = Searcher(client=es, alias=settings.es_alias, passages=settings.passages_max > 1)
     app_state.update(
         batcher=batcher, infer=infer_stage, writer=writer, searcher=searcher, registry=registry
     )
@@ -393,7 +393,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
 def _load_engine(settings: Settings, version: str) -> Engine:
     from engines.load import load_engine
 
-    return load_engine(settings.engine_dir, version)
+    return load_engine(settings.engine_dir, version, max_passages=settings.passages_max)
 
 
 async def input_record(event: Any, budget: InFlightBudget, ledger: OffsetLedger) -> InputRecord:

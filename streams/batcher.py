@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from engines.types import BatchResult, Engine, ModelIdentity, TokenizedText
+from engines.types import BatchResult, Engine, ModelIdentity, Passage, TokenizedText
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +74,7 @@ class ItemResult:
     queue_ms: float
     infer_ms: float
     batch_size: int
+    passages: list[Passage] | None = None  # with INFLOW_PASSAGES_MAX > 1
 
 
 @dataclass(slots=True, eq=False)
@@ -415,5 +416,6 @@ class Batcher:
                     queue_ms=(started - item.enqueued) * 1000,
                     infer_ms=infer_ms,
                     batch_size=len(batch),
+                    passages=None if result.passages is None else result.passages[i],
                 )
             )

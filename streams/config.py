@@ -123,6 +123,11 @@ class Settings:
     # /similar runs its query text on the live engine: at most this many at once, so searches
     # cannot starve the stream (more get 429 with Retry-After).
     similar_max_concurrent: int = 2
+    # Texts longer than the engine's window: 1 reads the first window only (truncation). N > 1
+    # embeds up to N overlapping windows; the document keeps them as nested passage vectors
+    # (/similar searches them and names the best one), and label and scores pool them. Engine
+    # time grows with each window (`inflow batch-bench --passages`).
+    passages_max: int = 1
     engine_poll_s: float = 2.0  # how often the worker looks for a newly activated engine
     health_poll_s: float = 5.0  # how often Elasticsearch and the consumer lag are probed
     # /health/live fails when a partition has lag but its committed offset stood still this long
@@ -195,6 +200,8 @@ class Settings:
             raise ConfigError("INFLOW_DRAIN_TIMEOUT_S must be positive")
         if self.similar_max_concurrent < 1:
             raise ConfigError("INFLOW_SIMILAR_MAX_CONCURRENT must be at least 1")
+        if not 1 <= self.passages_max <= 64:
+            raise ConfigError("INFLOW_PASSAGES_MAX must be within 1..64 (1: the first window only)")
         if self.health_poll_s <= 0 or self.stall_after_s <= 0:
             raise ConfigError("INFLOW_HEALTH_POLL_S and INFLOW_STALL_AFTER_S must be positive")
         if self.drift_window < 1 or not 1 <= self.drift_min_samples <= self.drift_window:

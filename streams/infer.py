@@ -23,6 +23,7 @@ from schemas import (
     DecodeError,
     ErrorCode,
     ModelRef,
+    PassageVector,
     Prediction,
     Source,
     Stage,
@@ -239,6 +240,9 @@ def build_prediction(record: InputRecord, event: TextEvent, result: ItemResult) 
         source=Source(record.topic, record.partition, record.offset),
         task=model.task,
         embedding_dim=model.embedding_dim,
+        passages=None
+        if result.passages is None
+        else [PassageVector(p.start, p.end, float32_values(p.embedding)) for p in result.passages],
     )
 
 

@@ -29,7 +29,9 @@ SearchMode = Literal["text", "similar", "hybrid"]
 async def search(
     settings: Settings, query: str, *, label: str | None, mode: SearchMode, k: int
 ) -> SearchResult:
-    async with Searcher(es_settings(settings), alias=settings.es_alias) as searcher:
+    async with Searcher(
+        es_settings(settings), alias=settings.es_alias, passages=settings.passages_max > 1
+    ) as searcher:
         if mode == "text":
             return await searcher.search_text(query, label=label, k=k)
         vector = await asyncio.to_thread(embed_query, settings, query)
@@ -46,6 +48,11 @@ def format_result(result: SearchResult, width: int = 100) -> str:
             text = text[: width - 3] + "..."
         score = f"{hit.score:.3f}" if hit.score is not None else "-"
         lines.append(f"{rank:>3}. {score:>7}  {hit.label or '-':<9} {hit.id}  {text}")
+        if hit.passage is not None:
+            p = hit.passage
+            words = " ".join((p.text or "").split())
+            snippet = words if len(words) <= width else words[: width - 3] + "..."
+            lines.append(f"     passage {p.index} [{p.start}:{p.end}]  {snippet}")
     return "\n".join(lines)
 
 

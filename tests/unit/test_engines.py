@@ -7,8 +7,10 @@ onnxruntime, registry, gate and CLI paths run in seconds.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engines.assets import encoder_dir
 from engines.build.bench import BenchRow, batches_for, format_table
@@ -869,3 +873,81 @@ def test_build_rejects_bad_combinations_fast(tmp_path: Path) -> None:
         with pytest.raises(BackendUnavailable, match="tensorrt is not installed"):
             build("tensorrt", registry_root=tmp_path, echo=None)
     assert not (tmp_path / "versions").exists()
+
+
+# ------------------------------------------------------------------------ passages
+_VOCAB = [
+    "river",
+    "stone",
+    "market",
+    "engine",
+    "quiet",
+    "yellow",
+    "seven",
+    "paper",
+    "tiger",
+    "window",
+    "coffee",
+    "planet",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_words=st.integers(1, 900),
+    seed=st.integers(0, 10_000),
+    max_windows=st.integers(1, 9),
+    max_seq=st.sampled_from([16, 64, 256]),
+)
+def test_windows_fit_overlap_and_cover_the_text(
+    n_words: int, seed: int, max_windows: int, max_seq: int
+) -> None:
+    from engines.tokenize import Tokenizer
+
+    rng = random.Random(seed)
+    text = " ".join(rng.choice(_VOCAB) + rng.choice(["", ",", "."]) for _ in range(n_words))
+    tok = Tokenizer(encoder_dir() / TOKENIZER_FILE, max_seq)
+    spans, complete = tok.windows(text, max_windows)
+    first = tok.tokenize([text])[0]
+    assert 1 <= len(spans) <= max_windows
+    if not first.truncated:
+        assert [(s.start, s.end) for s in spans] == [(0, len(text))] and complete
+        return
+    # Each window fits the engine whole; the first is what truncation keeps.
+    windows = tok.tokenize([text[s.start : s.end] for s in spans])
+    assert not any(w.truncated for w in windows)
+    assert windows[0].ids == first.ids
+    for before, after in itertools.pairwise(spans):
+        assert after.start < before.end  # they overlap
+        assert before.start < after.start
+    # Complete exactly when the last window reaches the last word.
+    assert complete == (spans[-1].end == len(text.rstrip()))
+
+
+def test_passages_pool_the_windows_and_keep_the_first_embedding(
+    tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path
+) -> None:
+    folder = _ort_folder(tiny_model, tiny_onnx, tmp_path / "passages")
+    manifest = _manifest(tiny_model, "onnxruntime", "fp32", "model.onnx")
+    plain = open_engine(folder, manifest)
+    windowed = open_engine(folder, manifest, max_passages=4)
+    try:
+        long_text = " ".join(_VOCAB[i % len(_VOCAB)] for i in range(400))  # ~1.6 windows
+        texts = [TEXTS[0], long_text, long_text * 4]
+        base, got = plain.predict(texts), windowed.predict(texts)
+        assert got.passages is not None and [len(p) for p in got.passages] == [1, 2, 4]
+        np.testing.assert_allclose(got.embeddings, base.embeddings, atol=1e-6)
+        assert got.truncated == [False, False, True]  # 4 windows do not reach the end of x4
+        for i, text in enumerate(texts):
+            spans = got.passages[i]
+            alone = plain.predict([text[p.start : p.end] for p in spans])
+            for p, vector in zip(spans, alone.embeddings, strict=True):
+                np.testing.assert_allclose(p.embedding, vector, atol=1e-5)
+            weights = np.asarray([p.end - p.start for p in spans], dtype=np.float64)
+            rows = np.asarray([[s[label] for label in LABELS] for s in alone.scores])
+            pooled = weights @ rows / weights.sum()
+            assert [got.scores[i][label] for label in LABELS] == pytest.approx(pooled, abs=1e-5)
+            assert got.labels[i] == LABELS[int(np.argmax(pooled))]
+    finally:
+        plain.close()
+        windowed.close()

@@ -307,7 +307,7 @@ def test_text_query_matches_text_filters_and_highlights() -> None:
     }
     assert body["size"] == 5
     assert body["highlight"] == {"fields": {"text": {}}}
-    assert body["_source"] == {"excludes": ["embedding"]}
+    assert body["_source"] == {"excludes": ["embedding", "passages.embedding"]}
     blank = build_text_query("  ")
     assert blank["query"]["bool"]["must"] == [{"match_all": {}}]
     assert "highlight" not in blank
@@ -331,6 +331,8 @@ def test_mappings_and_templates_carry_the_models_width() -> None:
     assert prediction_mappings()["properties"]["embedding"]["dims"] == EMBEDDING_DIMS
     template = index_template("inflow-mpnet", dims=768)
     assert template["template"]["mappings"]["properties"]["embedding"]["dims"] == 768
+    passages = template["template"]["mappings"]["properties"]["passages"]
+    assert passages["type"] == "nested" and passages["properties"]["embedding"]["dims"] == 768
     with pytest.raises(ValueError, match=r"1\.\.4096"):
         prediction_mappings(4097)
     vector = [1.0] + [0.0] * 767

@@ -9,6 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
@@ -28,6 +29,7 @@ from schemas import (
     DecodeError,
     ErrorCode,
     ModelRef,
+    PassageVector,
     Prediction,
     Source,
     Stage,
@@ -357,7 +359,25 @@ def test_encoded_prediction_validates_against_schema() -> None:
     for p in [make_prediction(), make_prediction(event_ts=None, metadata=None)]:
         instance = json.loads(encode_prediction(p))
         assert list(v.iter_errors(instance)) == []
-        assert set(instance) == set(v.schema["required"])
+        # Every field is required except passages (null unless INFLOW_PASSAGES_MAX > 1).
+        assert set(instance) == {*v.schema["required"], "passages"}
+        assert instance["passages"] is None
+
+
+def test_a_prediction_with_passages_round_trips_and_validates() -> None:
+    base = make_prediction()
+    window = PassageVector(0, len(base.text), list(base.embedding))
+    p = msgspec.structs.replace(base, passages=[window, window])
+    assert decode_prediction(encode_prediction(p)) == p
+    assert list(validator("prediction").iter_errors(json.loads(encode_prediction(p)))) == []
+    # A passage outside the text, or of another width, is refused with the reason.
+    for bad in (
+        PassageVector(0, len(base.text) + 1, list(base.embedding)),
+        PassageVector(0, 1, list(base.embedding[:-1])),
+    ):
+        raw = encode_prediction(msgspec.structs.replace(base, passages=[bad]))
+        result = decode_prediction(raw)
+        assert isinstance(result, DecodeError) and "passage 0" in result.message
 
 
 def _mutated(**changes: Any) -> bytes:
