@@ -245,6 +245,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         handover_s=args.handover_s,
         metrics_port=args.metrics_port,
         quiet=args.quiet,
+        eval_set=args.eval_set,
+        tolerance=args.tolerance,
+        eval_mode=args.eval_mode,
     )
 
 

@@ -463,6 +463,8 @@ def run_reindex(
 
     if rollback == (version is not None):
         raise ConfigError("name --version V, or --rollback (not both)")
+    if rollback and eval_set is not None:
+        raise ConfigError("--rollback goes back whatever the eval set says: drop --eval-set")
     if from_timestamp is not None and from_offset is not None:
         raise ConfigError("--from-timestamp and --from-offset exclude each other")
     since_ms = None if from_timestamp is None else parse_time(from_timestamp)

@@ -7,6 +7,7 @@ back with the events the old index missed."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from elasticsearch import AsyncElasticsearch
 
 from engines.registry import Registry
+from indexer.evaluation import shipped_set
 from schemas import encode_event
 from tests.e2e.conftest import ROOT, Names, WorkerFactory
 from tests.e2e.test_own_models import own_engine  # noqa: F401  (the topic classifier's build)
@@ -74,6 +76,15 @@ def _reindex(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     )
 
 
+def _gate_figures(output: str, verdict: str) -> dict[str, float]:
+    """version -> figure from the gate's line ("... V1 0.959, live V2 0.911 ...")."""
+    line = next((x for x in output.splitlines() if f"quality gate {verdict}" in x), None)
+    assert line is not None, output
+    found = re.findall(r"(v\d+-[\w-]+) (\d\.\d{3})", line)
+    assert len(found) == 2, line
+    return {version: float(value) for version, value in found}
+
+
 async def _finish(proc: subprocess.Popen[str]) -> str:
     out, err = await asyncio.to_thread(proc.communicate, timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -118,12 +129,16 @@ async def test_reindex_backfills_while_events_flow_then_cuts_over_and_rolls_back
     indices_before, counts, versions = await _alias_state(es_url, names.alias)
     assert len(indices_before) == 1 and len(counts) == N and versions == {old}
 
-    proc = _reindex(env, "--version", new)
+    # With the shipped eval set as the quality gate: the topic classifier is measured better
+    # than the default model on it (kNN nDCG@10), so the gate lets the cutover happen.
+    proc = _reindex(env, "--version", new, "--eval-set", str(shipped_set()))
     for start in range(N, 2 * N, N // 4):  # live traffic during the backfill
         await _produce(kafka_bootstrap, names.texts, events(start)[: N // 4])
         await asyncio.sleep(0.5)
     output = await _finish(proc)
     assert "re-embedded" in output and "now serves" in output, output
+    gate = _gate_figures(output, "passed")
+    assert gate[new] > gate[old], output
 
     ids = {f"r-{i}" for i in range(2 * N)}
     indices_after, counts, versions = await _alias_state(es_url, names.alias)
@@ -135,6 +150,18 @@ async def test_reindex_backfills_while_events_flow_then_cuts_over_and_rolls_back
     # After the cutover the workers write the new model's predictions to the new index.
     await _produce(kafka_bootstrap, names.texts, events(2 * N)[:10])
     await _wait_count(es_url, names.alias, 2 * N + 10)
+
+    # Back to the default model through the gate: worse by more than the tolerance, refused
+    # with both figures, and nothing moves. (--rollback skips the gate: going back must work.)
+    refused = _reindex(
+        env, "--version", old, "--eval-set", str(shipped_set()), "--tolerance", "0.01"
+    )
+    out, err = await asyncio.to_thread(refused.communicate, timeout=300)
+    assert refused.returncode != 0, out + err
+    figures = _gate_figures(out + err, "refused the cutover")
+    assert figures[old] < figures[new] - 0.01, out + err
+    assert (await _alias_state(es_url, names.alias))[0] == indices_after
+    assert Registry(registry).active_version() == new
 
     output = await _finish(_reindex(env, "--rollback"))
     assert f"rolling back to {old}" in output, output
