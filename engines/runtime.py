@@ -154,31 +154,33 @@ class LoadedEngine:
         self, texts: list[str], probs: np.ndarray, emb: np.ndarray, truncated: list[bool]
     ) -> tuple[np.ndarray, list[list[Passage]], list[bool]]:
         """Every window of each text that did not fit, embedded in one more run: the texts'
-        passages, scores pooled over their windows (a mean weighted by each window's length
-        in characters) and whether any text is still cut (more windows than max_passages)."""
+        passages, their pooled scores and whether any text is still cut (more windows than
+        max_passages). Pooling: the first window weighs as much as all the others together
+        (half of the score, the mean of the rest the other half). A text's opening (a
+        headline and lead, a review's verdict) tends to carry it; a plain mean over windows
+        lost 5 of 150 long BBC articles' topics that truncation got right (README)."""
         spans: list[list[Span]] = []
         still_cut: list[bool] = []
         for text, cut in zip(texts, truncated, strict=True):
+            whole = [Span(0, len(text))]
             found, complete = (
-                self._tokenizer.windows(text, self.max_passages)
-                if cut
-                else ([Span(0, len(text))], True)
+                self._tokenizer.windows(text, self.max_passages) if cut else (whole, True)
             )
             spans.append(found)
             still_cut.append(not complete)
         extra = [(i, span) for i, found in enumerate(spans) for span in found[1:]]
         more_probs, more_emb, _ = self.run_raw([texts[i][s.start : s.end] for i, s in extra])
-        pooled = probs.copy()
         passages = [
             [Passage(found[0].start, found[0].end, emb[i])] for i, found in enumerate(spans)
         ]
-        weights = [float(found[0].end - found[0].start) for found in spans]
-        pooled *= np.asarray(weights, dtype=np.float32)[:, None]
+        rest = np.zeros_like(probs)
         for j, (i, span) in enumerate(extra):
             passages[i].append(Passage(span.start, span.end, more_emb[j]))
-            pooled[i] += more_probs[j] * (span.end - span.start)
-            weights[i] += span.end - span.start
-        pooled /= np.maximum(np.asarray(weights, dtype=np.float32), 1.0)[:, None]
+            rest[i] += more_probs[j]
+        pooled = probs.copy()
+        for i, found in enumerate(spans):
+            if len(found) > 1:
+                pooled[i] = 0.5 * probs[i] + 0.5 * rest[i] / (len(found) - 1)
         return pooled, passages, still_cut
 
     def warmup(self, rounds: int = 2) -> None:

@@ -135,6 +135,20 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_passages(args: argparse.Namespace) -> int:
+    from streams.cli.passages_bench import run_passages_bench
+
+    return run_passages_bench(
+        _settings(args),
+        n=args.n,
+        lengths=args.lengths,
+        batch=args.batch,
+        rounds=args.rounds,
+        json_path=args.json,
+        reviews=args.reviews,
+    )
+
+
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from streams.cli.pipeline_bench import run_pipeline_bench
 
@@ -470,6 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--png", type=Path, default=Path("pipeline-bench.png"))
     pipeline.add_argument("--no-chart", action="store_true", help="no PNG (no matplotlib)")
     pipeline.set_defaults(handler=cmd_bench_pipeline)
+    passages = benches.add_parser(
+        "passages",
+        help="engine ms per event by text length, truncated and with passages (windows)",
+    )
+    passages.add_argument("--n", type=int, default=32, help="texts per length (32)")
+    passages.add_argument(
+        "--lengths", type=_int_list, default=[64, 128, 256, 512, 1024, 2048], help="tokens"
+    )
+    passages.add_argument("--batch", type=int, default=8, help="texts per predict call (8)")
+    passages.add_argument("--rounds", type=int, default=2, help="best of this many (2)")
+    passages.add_argument(
+        "--reviews", type=int, default=300, help="long IMDB reviews for the label figures (300)"
+    )
+    passages.add_argument("--json", type=Path, default=None)
+    passages.set_defaults(handler=cmd_bench_passages)
 
     _add_dlq_commands(sub)
     _add_reindex_command(sub)

@@ -943,9 +943,8 @@ def test_passages_pool_the_windows_and_keep_the_first_embedding(
             alone = plain.predict([text[p.start : p.end] for p in spans])
             for p, vector in zip(spans, alone.embeddings, strict=True):
                 np.testing.assert_allclose(p.embedding, vector, atol=1e-5)
-            weights = np.asarray([p.end - p.start for p in spans], dtype=np.float64)
             rows = np.asarray([[s[label] for label in LABELS] for s in alone.scores])
-            pooled = weights @ rows / weights.sum()
+            pooled = rows[0] if len(rows) == 1 else 0.5 * rows[0] + 0.5 * rows[1:].mean(axis=0)
             assert [got.scores[i][label] for label in LABELS] == pytest.approx(pooled, abs=1e-5)
             assert got.labels[i] == LABELS[int(np.argmax(pooled))]
     finally:
