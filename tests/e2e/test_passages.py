@@ -5,12 +5,9 @@ window, what truncation keeps) ranks it below short texts about other animals.""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import pytest
-from elasticsearch import AsyncElasticsearch
 
 from engines.load import load_engine
 from indexer import EsSettings, Searcher
@@ -18,6 +15,7 @@ from indexer.evaluation import load_beir, shipped_set
 from schemas import Prediction, decode_prediction, encode_event
 from tests.e2e.conftest import Names, WorkerFactory, read_topic
 from tests.e2e.test_pipeline import _produce
+from tests.e2e.test_reindex import _wait_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -47,17 +45,6 @@ def _business_filler(words: int = 240) -> tuple[str, list[tuple[str, str]]]:
     return filler, others
 
 
-async def _wait_indexed(es_url: str, alias: str, expected: int, timeout_s: float = 180) -> None:
-    async with AsyncElasticsearch(es_url) as es:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            await es.indices.refresh(index=alias)
-            if int((await es.count(index=alias))["count"]) >= expected:
-                return
-            assert time.monotonic() < deadline, f"fewer than {expected} documents in {alias}"
-            await asyncio.sleep(0.5)
-
-
 async def test_knn_finds_a_passage_past_the_first_window_and_names_it(
     workers: WorkerFactory, names: Names, kafka_bootstrap: str, es_url: str, engine_dir: Path
 ) -> None:
@@ -67,7 +54,7 @@ async def test_knn_finds_a_passage_past_the_first_window_and_names_it(
     texts = {"long": long_text, **ANIMALS, **dict(others)}
     records = [(i.encode(), encode_event(t, id=i)) for i, t in texts.items()]
     await _produce(kafka_bootstrap, names.texts, records)
-    await _wait_indexed(es_url, names.alias, len(texts))
+    await _wait_count(es_url, names.alias, len(texts))
 
     # The prediction on the topic carries the windows; the cat lies past the first one.
     published = await read_topic(kafka_bootstrap, names.predictions, len(texts))

@@ -9,6 +9,7 @@ records and a plain group commits where such a consumer would.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -89,7 +90,15 @@ async def test_committed_transactions_leave_no_lag_once_the_group_passed_their_d
 
             # New data past the marker: the group is behind again, by real records.
             more = await _transaction(producer, topic, {0: 2})
-            behind = await lag.sample()
+            # The coordinator writes the commit marker after the producer's commit returns:
+            # sample until it is there (end offset = last record + 2).
+            deadline = time.monotonic() + 10
+            while True:
+                behind = await lag.sample()
+                if behind.partitions[(topic, 0)].end_offset == more[0][-1] + 2:
+                    break
+                assert time.monotonic() < deadline, behind.partitions[(topic, 0)]
+                await asyncio.sleep(0.05)
             assert behind.partitions[(topic, 0)].lag == 4 and fetches > 0  # 1 marker + 2 + 1
 
             await commit_offsets(kafka_bootstrap, group, {tp0: more[0][-1] + 1})
