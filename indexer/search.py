@@ -195,10 +195,7 @@ def build_knn_query(
     if passages:
         # A document scores as its best passage (nested kNN, Elasticsearch 8.11+); inner_hits
         # names that passage.
-        knn["inner_hits"] = {
-            "size": 1,
-            "_source": [f"{PASSAGES_FIELD}.start", f"{PASSAGES_FIELD}.end"],
-        }
+        knn["inner_hits"] = {"size": 1, "_source": False}
     if filters:
         knn["filter"] = [dict(f) for f in filters]
     return {"knn": knn, "size": k, "_source": SOURCE_FILTER}
@@ -398,10 +395,13 @@ def _best_passage(raw: Mapping[str, Any], text: Any) -> PassageHit | None:
     if not inner:
         return None
     best = inner[0]
-    span = best.get("_source") or {}
+    index = int(best.get("_nested", {}).get("offset", 0))
+    # The span from the document's own passages (its _source keeps start and end).
+    stored = (raw.get("_source") or {}).get(PASSAGES_FIELD) or []
+    span = stored[index] if 0 <= index < len(stored) and isinstance(stored[index], dict) else {}
     start, end = int(span.get("start", 0)), int(span.get("end", 0))
     return PassageHit(
-        index=int(best.get("_nested", {}).get("offset", 0)),
+        index=index,
         start=start,
         end=end,
         score=best.get("_score"),

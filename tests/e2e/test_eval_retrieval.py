@@ -16,6 +16,7 @@ from elasticsearch import AsyncElasticsearch
 
 from engines.load import load_engine
 from indexer.evaluation import load_beir, shipped_set
+from tests.conftest import TestServices
 from tests.e2e.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -154,7 +155,7 @@ async def _direct_figures(
 
 @pytest.mark.parametrize("which", ["shipped", "generated"])
 async def test_eval_retrieval_figures_match_a_direct_computation(
-    which: str, es_url: str, engine_dir: Path, tmp_path: Path
+    which: str, services: TestServices, es_url: str, engine_dir: Path, tmp_path: Path
 ) -> None:
     folder = shipped_set() if which == "shipped" else _generated_set(tmp_path / "generated")
     env = {
@@ -173,8 +174,12 @@ async def test_eval_retrieval_figures_match_a_direct_computation(
     scores = report["scores"]
     assert isinstance(scores, dict)
     for mode, figures in expected.items():
+        # RRF reads ranks, and the order of equal BM25 scores is the server's own: the noida
+        # imitation orders ties differently between the two queries, so there only close.
+        exact = services.genuine_search and report["fusion"] == "client"
+        tolerance = 1e-6 if mode != "hybrid-rrf" or exact else 0.02
         for metric, value in figures.items():
-            assert scores[mode][metric] == pytest.approx(value, abs=1e-6), (mode, metric)
+            assert scores[mode][metric] == pytest.approx(value, abs=tolerance), (mode, metric)
     if which == "shipped":  # the README's claim: hybrid is at least the better half
         best_half = max(scores["bm25"]["ndcg@10"], scores["knn"]["ndcg@10"])
         assert scores["hybrid"]["ndcg@10"] >= best_half

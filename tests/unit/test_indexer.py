@@ -600,3 +600,33 @@ def test_constructors_validate_without_io() -> None:
     with pytest.raises(ValueError):
         BulkWriter(max_chunk_bytes=0)
     assert "secret" not in repr(EsSettings(api_key="secret"))
+
+
+def test_knn_over_passages_asks_for_the_best_one_and_a_hit_names_it() -> None:
+    vector = unit_vector(3)
+    knn = build_knn_query(vector, k=4, passages=True)["knn"]
+    assert knn["field"] == "passages.embedding" and knn["inner_hits"]["size"] == 1
+    assert "inner_hits" not in build_knn_query(vector, k=4)["knn"]
+    text = "first window text. second window with the cat"
+    raw = {
+        "_id": "doc",
+        "_score": 0.9,
+        "_source": {
+            "id": "doc",
+            "text": text,
+            "passages": [{"start": 0, "end": 18}, {"start": 19, "end": len(text)}],
+        },
+        "inner_hits": {
+            "passages": {
+                "hits": {"hits": [{"_nested": {"field": "passages", "offset": 1}, "_score": 0.9}]}
+            }
+        },
+    }
+    hit = parse_search_response({"hits": {"total": {"value": 1}, "hits": [raw]}}).hits[0]
+    assert hit.passage is not None
+    assert (hit.passage.index, hit.passage.start, hit.passage.end) == (1, 19, len(text))
+    assert hit.passage.text == "second window with the cat"
+    assert (
+        parse_search_response({"hits": {"hits": [{**raw, "inner_hits": {}}]}}).hits[0].passage
+        is None
+    )
