@@ -114,6 +114,8 @@ def test_parameters_within_bounds() -> None:
     assert (request.text, request.label, request.k) == ("hello", "pos:1", 5)
     assert parse_search_params("similar", [("text", "x")]).k == 10
     assert parse_search_params("search", [("q", "x" * MAX_QUERY_CHARS), ("k", str(MAX_K))])
+    assert parse_search_params("search", [("q", "x")]).mode == "text"
+    assert parse_search_params("search", [("q", "x"), ("mode", "hybrid")]).mode == "hybrid"
 
 
 @pytest.mark.parametrize(
@@ -136,6 +138,9 @@ def test_parameters_within_bounds() -> None:
         ("search", [("q", "a"), ("k", "1e3")]),
         ("search", [("q", "a"), ("k", " 5")]),
         ("search", [("q", "a"), ("k", "99999999999999999999")]),
+        ("search", [("q", "a"), ("mode", "knn")]),
+        ("search", [("q", "a"), ("mode", "hybrid"), ("mode", "text")]),
+        ("similar", [("text", "a"), ("mode", "hybrid")]),
     ],
 )
 def test_parameters_outside_bounds_are_bad_requests(
