@@ -43,7 +43,7 @@ from streams.health import WorkerHealth
 from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
 from streams.kafka import InflowApp, client_options, faust_credentials
-from streams.lag import ConsumerLag, LagSample, LagUnavailable, merge_samples
+from streams.lag import ConsumerLag, DrainRate, LagSample, LagUnavailable, merge_samples
 from streams.ledger import OffsetLedger
 from streams.logs import install_repeat_filter
 from streams.metrics import Metrics
@@ -242,7 +242,8 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
             min_samples=settings.drift_min_samples,
         )
     )
-    metrics.watch_lag(latest_lag, max_age_s=3 * settings.health_poll_s)
+    drain = DrainRate()
+    metrics.watch_lag(latest_lag, max_age_s=3 * settings.health_poll_s, drain_rate=drain.per_second)
 
     if transactional is None:
 
@@ -355,6 +356,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
                 await lag.sample()
             except LagUnavailable as exc:
                 log.warning("consumer lag: %s", exc)
+        drain.observe(latest_lag())
         metrics.set_ready(health.ready().ok)
 
     @app.timer(interval=settings.engine_poll_s)

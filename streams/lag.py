@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -88,6 +89,48 @@ class LagSample:
     def stalled(self, max_idle_s: float) -> list[PartitionLag]:
         """Partitions with lag > 0 whose position has not advanced for more than `max_idle_s`."""
         return [p for p in self.partitions.values() if p.lag > 0 and p.idle_s > max_idle_s]
+
+
+DRAIN_WINDOW_S = 60.0
+
+
+class DrainRate:
+    """Records this worker drained per second while it had work, over the last `window_s`.
+
+    Fed every lag sample: between two samples, the committed positions' advance on the
+    partitions that had lag at the first one is work done at full speed (a caught-up
+    partition only shows the arrival rate, so it is left out). Backlog seconds are lag
+    divided by this rate: 10,000 short tweets and 10,000 long reviews differ here, not in lag.
+    """
+
+    def __init__(self, window_s: float = DRAIN_WINDOW_S) -> None:
+        self._window_s = window_s
+        self._previous: LagSample | None = None
+        self._busy: deque[tuple[float, float, int]] = deque()  # (taken_at, seconds, drained)
+
+    def observe(self, sample: LagSample | None) -> None:
+        if sample is None or (self._previous and sample.taken_at <= self._previous.taken_at):
+            return
+        previous, self._previous = self._previous, sample
+        if previous is None:
+            return
+        busy = [
+            key for key, p in previous.partitions.items() if p.lag > 0 and key in sample.partitions
+        ]
+        if busy:
+            drained = sum(
+                max(0, sample.partitions[k].position - previous.partitions[k].position)
+                for k in busy
+            )
+            self._busy.append((sample.taken_at, sample.taken_at - previous.taken_at, drained))
+        while self._busy and self._busy[0][0] < sample.taken_at - self._window_s:
+            self._busy.popleft()
+
+    def per_second(self) -> float | None:
+        """None until a busy interval drained something (just started, or stalled)."""
+        seconds = sum(s for _, s, _ in self._busy)
+        drained = sum(n for _, _, n in self._busy)
+        return drained / seconds if seconds > 0 and drained > 0 else None
 
 
 def merge_samples(samples: Iterable[LagSample | None]) -> LagSample | None:

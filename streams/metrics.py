@@ -50,28 +50,47 @@ class _LagCollector(Collector):
     sample older than `max_age_s` (the broker stopped answering) is not shown as current.
     """
 
-    def __init__(self, latest: Callable[[], LagSample | None], max_age_s: float) -> None:
+    def __init__(
+        self,
+        latest: Callable[[], LagSample | None],
+        max_age_s: float,
+        drain_rate: Callable[[], float | None],
+    ) -> None:
         self._latest = latest
         self._max_age_s = max_age_s
+        self._drain_rate = drain_rate
 
     def describe(self) -> Iterator[Metric]:
         return iter(self._families())
 
     def collect(self) -> Iterator[Metric]:
         sample = self._latest()
-        lag, idle = self._families()
+        backlog, lag, idle = self._families()
+        rate = self._drain_rate()
         if sample is not None and time.monotonic() - sample.taken_at <= self._max_age_s:
             for p in sorted(sample.partitions.values(), key=lambda p: (p.topic, p.partition)):
                 labels = [p.topic, str(p.partition)]
                 lag.add_metric(labels, p.lag)
                 idle.add_metric(labels, p.idle_s)
+                if p.lag == 0:
+                    backlog.add_metric(labels, 0.0)
+                elif rate is not None:  # else unknown (absent): no drain measured yet, or stalled
+                    backlog.add_metric(labels, p.lag / rate)
         yield lag
         yield idle
+        yield backlog
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         labels = ["topic", "partition"]
         return (
+            GaugeMetricFamily(
+                "inflow_backlog_seconds",
+                "Seconds this worker needs to drain the partition's lag at its recently "
+                "measured drain rate (records/s while busy); summed over partitions: the "
+                "worker's backlog",
+                labels=labels,
+            ),
             GaugeMetricFamily(
                 "inflow_consumer_lag",
                 "Records not yet processed: log-end offset minus the group's committed offset",
@@ -302,9 +321,15 @@ class Metrics:
         """For the health code: 1 while the worker is ready, 0 otherwise."""
         self.ready.set(1 if ready else 0)
 
-    def watch_lag(self, latest: Callable[[], LagSample | None], max_age_s: float) -> None:
-        """Expose consumer lag from `latest()` (e.g. `ConsumerLag.last`) at every scrape."""
-        self.registry.register(_LagCollector(latest, max_age_s))
+    def watch_lag(
+        self,
+        latest: Callable[[], LagSample | None],
+        max_age_s: float,
+        drain_rate: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        """Expose consumer lag from `latest()` (e.g. `ConsumerLag.last`) at every scrape, and
+        backlog seconds from it and `drain_rate()` (`DrainRate.per_second`)."""
+        self.registry.register(_LagCollector(latest, max_age_s, drain_rate))
 
     # indexer.BulkObserver: the bulk writer reports through these, knowing nothing of us.
     def on_bulk_request(self, seconds: float) -> None:

@@ -27,6 +27,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "inflow-dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+SCALED_OBJECT = ROOT / "deploy" / "k8s" / "keda-scaledobject.yaml"
 JOB = "inflow"  # the scrape job the alerts select (`up{job="inflow"}`)
 
 GRAFANA_VARIABLES = {
@@ -91,6 +92,16 @@ def alert_rules() -> list[dict[str, Any]]:
 def alert_queries() -> list[Query]:
     return [
         Query(f"alert {rule['alert']}", as_bool_comparisons(rule["expr"])) for rule in alert_rules()
+    ]
+
+
+def keda_queries() -> list[Query]:
+    """The PromQL of every prometheus trigger of the shipped ScaledObject."""
+    doc: dict[str, Any] = yaml.safe_load(SCALED_OBJECT.read_text())
+    return [
+        Query(f"KEDA trigger {n}", trigger["metadata"]["query"])
+        for n, trigger in enumerate(doc["spec"]["triggers"])
+        if trigger["type"] == "prometheus"
     ]
 
 

@@ -1,5 +1,5 @@
-"""A real Prometheus server scrapes a running worker: every dashboard query and every alert rule
-shipped in deploy/ returns data from it.
+"""A real Prometheus server scrapes a running worker: every dashboard query, every alert rule and
+the KEDA ScaledObject's query shipped in deploy/ return data from it.
 
 The Prometheus here is our own process (Debian's `prometheus` binary) on a free loopback port,
 with the shipped deploy/prometheus/prometheus.yml turned into a test config: the `inflow` job
@@ -40,6 +40,7 @@ from tests.monitoring import (
     alert_queries,
     alert_rules,
     dashboard_queries,
+    keda_queries,
     metric_names,
 )
 
@@ -198,7 +199,8 @@ async def test_every_dashboard_query_and_alert_rule_returns_data_from_a_real_pro
     progress = await _wait_for(server, done, timeout_s=240)
     assert all(progress.values()), (progress, worker.log.read_text()[-3000:])
 
-    queries = dashboard_queries() + alert_queries()
+    queries = dashboard_queries() + alert_queries() + keda_queries()
+    assert keda_queries(), "the ScaledObject scales on a Prometheus query"
     results = await _wait_for(server, queries, timeout_s=60)
     empty = [q for q in queries if not _has_data(results[q.source])]
     if empty:

@@ -74,6 +74,26 @@ KAFKA_TRIGGER_METADATA: dict[str, Any] = {
         },
     },
 }
+# The prometheus scaler's trigger metadata in KEDA v2.20 (pkg/scalers/prometheus_scaler.go;
+# metricName is gone since v2.12), checked the same way.
+PROMETHEUS_TRIGGER_METADATA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["serverAddress", "query", "threshold"],
+    "properties": {
+        **{
+            key: {"type": "string"}
+            for key in ("serverAddress", "query", "queryParameters", "namespace", "customHeaders")
+        },
+        **{
+            key: {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"}
+            for key in ("threshold", "activationThreshold", "timeout")
+        },
+        **{key: {"enum": ["true", "false"]} for key in ("ignoreNullValues", "unsafeSsl")},
+        "authModes": {"type": "string"},
+    },
+}
+
 # KEDA's SASL names for the worker's INFLOW_KAFKA_SASL_MECHANISM values.
 KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
 NOT_IN_KUSTOMIZATION = {"secret.template.yaml"}  # a template; ops/ holds operator one-offs
@@ -140,6 +160,8 @@ def validate(doc: dict[str, Any]) -> None:
             for trigger in doc["spec"]["triggers"]:
                 if trigger["type"] == "kafka":
                     jsonschema.validate(trigger["metadata"], KAFKA_TRIGGER_METADATA)
+                elif trigger["type"] == "prometheus":
+                    jsonschema.validate(trigger["metadata"], PROMETHEUS_TRIGGER_METADATA)
         return
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -281,6 +303,14 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
             )
         ),
         "'lagTreshold' was unexpected",
+    ),
+    "ScaledObject: misspelled prometheus trigger key": (
+        scaledobject_with(
+            lambda d: d["spec"]["triggers"][1]["metadata"].__setitem__(
+                "treshold", d["spec"]["triggers"][1]["metadata"].pop("threshold")
+            )
+        ),
+        "'treshold' was unexpected",
     ),
     "ScaledObject: misspelled metadata field": (
         scaledobject_with(
@@ -463,8 +493,12 @@ def test_keda_scales_the_worker_on_the_consumer_groups_lag(config: dict[str, str
     assert scaled["minReplicaCount"] == 1
     # more consumers than partitions sit idle
     assert scaled["maxReplicaCount"] == int(config["INFLOW_TOPIC_PARTITIONS"]) == 4
-    (trigger,) = scaled["triggers"]
+    trigger, backlog = scaled["triggers"]
     assert trigger["type"] == "kafka"
+    # Sized by seconds of backlog, from the job the shipped Prometheus config scrapes.
+    assert backlog["type"] == "prometheus"
+    assert backlog["metadata"]["query"] == 'sum(inflow_backlog_seconds{job="inflow"})'
+    assert float(backlog["metadata"]["threshold"]) > 0
     meta = trigger["metadata"]
     assert meta["bootstrapServers"] == config["INFLOW_KAFKA_BOOTSTRAP"]
     assert meta["consumerGroup"] == config.get("INFLOW_APP_ID", DEFAULTS.app_id) == "inflow"

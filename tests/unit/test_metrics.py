@@ -8,7 +8,7 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines.types import ModelIdentity
-from streams.lag import LagSample, LagTracker
+from streams.lag import DrainRate, LagSample, LagTracker
 from streams.metrics import Metrics
 
 
@@ -113,3 +113,47 @@ def test_bench_reads_quantiles_from_two_scrapes_of_a_histogram() -> None:
     assert abs(histogram_quantile(before, after, "x", 0.97) - (10 + 90 * 47 / 48)) < 1e-9
     assert histogram_quantile(before, after, "x", 0.99) == 100.0  # the +Inf bucket: its floor
     assert math.isnan(histogram_quantile(after, after, "x"))  # nothing observed
+
+
+def test_backlog_seconds_are_lag_over_the_rate_drained_while_busy() -> None:
+    metrics, tracker, drain = Metrics(), LagTracker(), DrainRate(window_s=60)
+    latest = _Latest()
+    metrics.watch_lag(lambda: latest.lag, max_age_s=600, drain_rate=drain.per_second)
+
+    def sample(
+        at: float, ends: dict[tuple[str, int], int], done: dict[tuple[str, int], int]
+    ) -> None:
+        latest.lag = tracker.update(at, ends, done)
+        drain.observe(latest.lag)
+
+    def backlog() -> dict[int, float]:
+        found = _samples(metrics)
+        return {
+            int(dict(k[1])["partition"]): v
+            for k, v in found.items()
+            if k[0] == "inflow_backlog_seconds"
+        }
+
+    now = time.monotonic()
+    sample(now - 20, {("t", 0): 1000, ("t", 1): 5}, {("t", 0): 0, ("t", 1): 5})
+    assert backlog() == {1: 0.0}  # caught up: 0; lagging but no rate measured yet: absent
+    # 10 s later: 400 records drained on the busy partition (40/s); t/1 got and drained 50
+    # new records while caught up, which says nothing about capacity.
+    sample(now - 10, {("t", 0): 1000, ("t", 1): 55}, {("t", 0): 400, ("t", 1): 55})
+    assert drain.per_second() == 40
+    assert backlog() == {0: 600 / 40, 1: 0.0}
+    # Another 10 s at 60/s: the window's rate is (400 + 600) / 20 s.
+    sample(now, {("t", 0): 1600, ("t", 1): 55}, {("t", 0): 1000, ("t", 1): 55})
+    assert drain.per_second() == 50
+    assert backlog() == {0: 600 / 50, 1: 0.0}
+    # Busy intervals older than the window drop out.
+    sample(now + 70, {("t", 0): 1600, ("t", 1): 55}, {("t", 0): 1600, ("t", 1): 55})
+    assert drain.per_second() == 600 / 70
+    assert backlog() == {0: 0.0, 1: 0.0}
+
+
+def test_a_stalled_worker_exports_no_backlog_guess() -> None:
+    drain, tracker = DrainRate(), LagTracker()
+    for at in (0.0, 5.0, 10.0):
+        drain.observe(tracker.update(at, {("t", 0): 100}, {("t", 0): 10}))
+    assert drain.per_second() is None

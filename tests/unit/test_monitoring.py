@@ -28,6 +28,7 @@ from tests.monitoring import (
     as_bool_comparisons,
     dashboard_queries,
     grafana_substitute,
+    keda_queries,
     load_dashboard,
     metric_names,
 )
@@ -72,7 +73,7 @@ def _exposed_sample_names() -> set[str]:
     metrics = Metrics()
     metrics.predictions.labels(label="positive").inc()
     lag = LagTracker().update(time.monotonic(), {("t", 0): 3}, {("t", 0): 1})
-    metrics.watch_lag(lambda: lag, max_age_s=60)
+    metrics.watch_lag(lambda: lag, max_age_s=60, drain_rate=lambda: 10.0)
     metrics.watch_engine(lambda: ModelIdentity("m", "v1", "onnxruntime", "int8"))
     baseline = Distribution.of_scores(["a", "b"], [[0.7, 0.3]])
     metrics.watch_drift(DriftWatch(lambda _version: baseline, window=1, min_samples=1))
@@ -83,13 +84,14 @@ def _exposed_sample_names() -> set[str]:
 
 def test_every_metric_in_the_dashboard_and_rules_is_exposed() -> None:
     exposed = _exposed_sample_names()
-    queries = dashboard_queries() + alert_queries()
+    queries = dashboard_queries() + alert_queries() + keda_queries()
     for query in queries:
         unknown = metric_names(query.expr) - exposed
         assert not unknown, f"{query.source} reads {unknown}, which the worker does not expose"
     used = set().union(*(metric_names(q.expr) for q in queries))
     for required in (
         "inflow_consumer_lag",
+        "inflow_backlog_seconds",
         "inflow_event_to_published_seconds_bucket",
         "inflow_produced_to_published_seconds_bucket",
         "inflow_engine_info",
