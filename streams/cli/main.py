@@ -149,6 +149,20 @@ def cmd_bench_passages(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_knn(args: argparse.Namespace) -> int:
+    from streams.cli.knn_bench import run_knn_bench
+
+    return run_knn_bench(
+        _settings(args),
+        sizes=args.sizes,
+        queries=args.queries,
+        types=args.types.split(","),
+        seed=args.seed,
+        keep=args.keep,
+        json_path=args.json,
+    )
+
+
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from streams.cli.pipeline_bench import run_pipeline_bench
 
@@ -499,6 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     passages.add_argument("--json", type=Path, default=None)
     passages.set_defaults(handler=cmd_bench_passages)
+    knn = benches.add_parser(
+        "knn", help="kNN p50/p99 and bulk rate as a scratch index grows (generated vectors)"
+    )
+    knn.add_argument(
+        "--sizes", type=_int_list, default=[10_000, 100_000, 300_000, 1_000_000], help="steps"
+    )
+    knn.add_argument("--queries", type=int, default=200, help="kNN queries per step (200)")
+    knn.add_argument("--types", default="int8_hnsw,hnsw", help="index_options types")
+    knn.add_argument("--seed", type=int, default=7)
+    knn.add_argument("--keep", action="store_true", help="keep the scratch indices")
+    knn.add_argument("--json", type=Path, default=None)
+    knn.set_defaults(handler=cmd_bench_knn)
 
     _add_dlq_commands(sub)
     _add_reindex_command(sub)
