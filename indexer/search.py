@@ -242,11 +242,19 @@ def fuse_rrf(
     if rank_constant < 1:
         raise ValueError(f"rank_constant must be >= 1, got {rank_constant}")
     fused: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, 1):
+            fused[hit.id] = fused.get(hit.id, 0.0) + 1.0 / (rank_constant + rank)
+    return _top_fused(rankings, fused, k)
+
+
+def _top_fused(rankings: Sequence[Sequence[Hit]], fused: Mapping[str, float], k: int) -> list[Hit]:
+    """The ``k`` best of ``fused`` (id -> score), ties to the better best rank, then the id;
+    each hit as the first ranking that holds it has it, with the fused score."""
     best_rank: dict[str, int] = {}
     first: dict[str, Hit] = {}
     for ranking in rankings:
         for rank, hit in enumerate(ranking, 1):
-            fused[hit.id] = fused.get(hit.id, 0.0) + 1.0 / (rank_constant + rank)
             best_rank[hit.id] = min(best_rank.get(hit.id, rank), rank)
             first.setdefault(hit.id, hit)
     order = sorted(fused, key=lambda i: (-fused[i], best_rank[i], i))
@@ -273,17 +281,11 @@ def fuse_linear(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in 0..1, got {alpha}")
     text_scores, knn_scores = _minmax(text), _minmax(knn)
-    best_rank: dict[str, int] = {}
-    first: dict[str, Hit] = {}
-    for ranking in (text, knn):
-        for rank, hit in enumerate(ranking, 1):
-            best_rank[hit.id] = min(best_rank.get(hit.id, rank), rank)
-            first.setdefault(hit.id, hit)
+    ids = {hit.id for ranking in (text, knn) for hit in ranking}
     fused = {
-        i: alpha * knn_scores.get(i, 0.0) + (1.0 - alpha) * text_scores.get(i, 0.0) for i in first
+        i: alpha * knn_scores.get(i, 0.0) + (1.0 - alpha) * text_scores.get(i, 0.0) for i in ids
     }
-    order = sorted(fused, key=lambda i: (-fused[i], best_rank[i], i))
-    return [dataclasses.replace(first[i], score=fused[i]) for i in order[:k]]
+    return _top_fused((text, knn), fused, k)
 
 
 def build_label_counts_query(

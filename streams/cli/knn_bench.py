@@ -34,7 +34,6 @@ from streams.config import ConfigError, Settings
 DIMS = 384
 CENTRES = 2_000
 CHUNK = 2_000  # documents per bulk request
-DEFAULT_SIZES = (10_000, 100_000, 300_000, 1_000_000)
 INDEX_TYPES = ("int8_hnsw", "hnsw")  # int8_hnsw: Elasticsearch's default from 8.14 on
 
 

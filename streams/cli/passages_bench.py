@@ -21,8 +21,6 @@ from streams.config import ConfigError, Settings
 
 Example = tuple[str, str]  # (text, label)
 
-DEFAULT_LENGTHS = (64, 128, 256, 512, 1024, 2048)
-
 
 @dataclass(frozen=True, slots=True)
 class LengthRow:
