@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from schemas.models import MAX_PASSAGES  # the Prediction contract's bound
+
 
 class ConfigError(Exception):
     """Bad configuration: a one-line message that names the setting and what to do."""
@@ -200,8 +202,10 @@ class Settings:
             raise ConfigError("INFLOW_DRAIN_TIMEOUT_S must be positive")
         if self.similar_max_concurrent < 1:
             raise ConfigError("INFLOW_SIMILAR_MAX_CONCURRENT must be at least 1")
-        if not 1 <= self.passages_max <= 64:
-            raise ConfigError("INFLOW_PASSAGES_MAX must be within 1..64 (1: the first window only)")
+        if not 1 <= self.passages_max <= MAX_PASSAGES:
+            raise ConfigError(
+                f"INFLOW_PASSAGES_MAX must be within 1..{MAX_PASSAGES} (1: the first window only)"
+            )
         if self.health_poll_s <= 0 or self.stall_after_s <= 0:
             raise ConfigError("INFLOW_HEALTH_POLL_S and INFLOW_STALL_AFTER_S must be positive")
         if self.drift_window < 1 or not 1 <= self.drift_min_samples <= self.drift_window:

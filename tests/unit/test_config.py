@@ -44,6 +44,9 @@ def test_dev_env_file_fills_in_unset_endpoints(tmp_path: Path) -> None:
         ("INFLOW_KAFKA_BOOTSTRAP", "localhost", "host:port"),
         ("INFLOW_KAFKA_SECURITY_PROTOCOL", "TLS", "must be one of"),
         ("INFLOW_ES_VERIFY_CERTS", "maybe", "must be true or false"),
+        ("INFLOW_PASSAGES_MAX", "0", "within 1..64"),
+        ("INFLOW_PASSAGES_MAX", "65", "within 1..64"),
+        ("INFLOW_PASSAGES_MAX", "eight", "must be an integer"),
     ],
 )
 def test_bad_values_give_one_line_errors(key: str, value: str, words: str, tmp_path: Path) -> None:
