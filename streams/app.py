@@ -44,6 +44,7 @@ from streams.index import IndexBuffer, IndexStage
 from streams.infer import Headers, InferStage, InferTopics, InputRecord
 from streams.kafka import InflowApp, client_options, faust_credentials
 from streams.lag import ConsumerLag, DrainRate, LagSample, LagUnavailable, merge_samples
+from streams.latency import LatencyTarget
 from streams.ledger import OffsetLedger
 from streams.logs import install_repeat_filter
 from streams.metrics import Metrics
@@ -148,11 +149,12 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     budget = InFlightBudget(settings.max_in_flight_bytes)
     app_state: dict[str, Any] = {"metrics": metrics, "settings": settings}
     publisher = _FaustPublisher(app)
-    batcher = Batcher(
-        None,
-        BatchPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms),
-        on_batch=metrics.observe_batch,
-    )
+    bounds = BatchPolicy(settings.max_batch_size, settings.max_batch_tokens, settings.max_wait_ms)
+    target = None
+    if settings.latency_target_ms > 0:
+        target = LatencyTarget(settings.latency_target_ms, bounds)
+        metrics.watch_latency_target(target)
+    batcher = Batcher(None, bounds, on_batch=metrics.observe_batch, target=target)
     # A candidate engine beside the active one: shadow or canary (streams.rollout).
     rollout = Rollout(
         batcher,

@@ -17,6 +17,10 @@ text is always in the next batch, so no text starves (it waits at most for the t
 before it). Without it, batches are first-in-first-out. Either way a batch never costs more
 than `max_batch_tokens` padded tokens (a single text always fits).
 
+With a latency target (`INFLOW_LATENCY_TARGET_MS`, streams.latency) those three knobs are
+bounds: each batch's size, token budget and wait are chosen within them from the measured
+batch times, queue and p99.
+
 The blocking engine runs on dedicated threads, as many as batches it may run at once
 (`Engine.concurrent_batches`: onnxruntime runs one batch per core, each on one thread, by
 default; TensorRT one); "idle" above means a free one. The event loop only awaits results.
@@ -31,16 +35,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from engines.types import BatchResult, Engine, ModelIdentity, Passage, TokenizedText
+
+if TYPE_CHECKING:
+    from streams.latency import LatencyTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,16 @@ class BatchPolicy:
     max_wait_ms: int = 25
     length_aware: bool = True
     hold_when_idle: bool = False  # wait max_wait_ms for company even when the engine is idle
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """The limits for the next batch: the policy's own, or chosen within it by a latency
+    target (streams.latency)."""
+
+    max_batch_size: int
+    max_batch_tokens: int
+    hold_ms: float  # how long an idle engine waits for company (0: it never waits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +143,11 @@ class Batcher:
         engine: Engine | None,
         policy: BatchPolicy,
         on_batch: Callable[[BatchCost], object] | None = None,
+        target: LatencyTarget | None = None,
     ) -> None:
         """`engine` may be None: a worker started before any engine exists gets one later
-        through `swap_engine`, and nothing is submitted until then."""
+        through `swap_engine`, and nothing is submitted until then. With `target`, each
+        batch's limits are chosen within `policy` to hold a p99 (streams.latency)."""
         if policy.max_batch_size < 1 or policy.max_batch_tokens < 1 or policy.max_wait_ms < 0:
             raise ValueError(f"invalid batch policy {policy}")
         self._requested = policy
@@ -146,6 +167,9 @@ class Batcher:
         self._engine_lock = threading.Lock()  # guards _engine between the loop and the thread
         self.stats = BatcherStats()
         self._on_batch = on_batch  # for metrics
+        self.target = target
+        if target is not None:
+            target.bounds = self.policy
 
     @staticmethod
     def _fit(policy: BatchPolicy, engine: Engine | None) -> BatchPolicy:
@@ -193,6 +217,8 @@ class Batcher:
         self.engine  # noqa: B018 - raises NoEngine before anything is queued
         item = _Item(text, asyncio.get_running_loop().create_future())
         self._incoming.append(item)
+        if self.target is not None:
+            self.target.observe_arrival()
         if self._tokenizing is None or self._tokenizing.done():
             self._tokenizing = asyncio.create_task(self._tokenize(), name="inflow-tokenize")
         return await item.future
@@ -236,6 +262,11 @@ class Batcher:
             item.tokenized_by = engine
             self._pending.append(item)
 
+    def observe_latency(self, ms: float) -> None:
+        """One event's "record taken -> prediction acknowledged" time, for the target."""
+        if self.target is not None:
+            self.target.observe_latency(ms)
+
     async def embed_query(self, text: str) -> list[float]:
         """An embedding for search (runs on the engine thread, between batches)."""
         result = await self.submit(text)
@@ -260,6 +291,8 @@ class Batcher:
                 if slots != self._slots:  # the old threads are idle: nothing runs
                     self._thread.shutdown(wait=False)
                     self._slots, self._thread = slots, _engine_threads(slots)
+                if self.target is not None:  # a new engine: batch times are measured anew
+                    self.target.restart(self.policy)
         finally:
             self._wakeup.set()  # the batching loop waits for the swap to end
         if old is not None and old is not new:
@@ -268,7 +301,16 @@ class Batcher:
 
     # ----------------------------------------------------------------- batching loop
 
-    def _take_batch(self) -> list[_Item]:
+    def _limits(self) -> BatchLimits:
+        """This batch's limits: the policy's, or the latency target's choice within it."""
+        policy = self.policy
+        if self.target is None:
+            hold = float(policy.max_wait_ms) if policy.hold_when_idle else 0.0
+            return BatchLimits(policy.max_batch_size, policy.max_batch_tokens, hold)
+        queued = max(item.length for item in self._pending) * len(self._pending)
+        return self.target.limits(queued, self._slots)
+
+    def _take_batch(self, limits: BatchLimits) -> list[_Item]:
         """The next batch, removed from the queue: see the module docstring."""
         pending, policy = self._pending, self.policy
         if not pending:
@@ -284,10 +326,10 @@ class Batcher:
             others = list(range(1, len(pending)))
         chosen, longest = [0], oldest.length
         for i in others:
-            if len(chosen) >= policy.max_batch_size:
+            if len(chosen) >= limits.max_batch_size:
                 break
             widest = max(longest, pending[i].length)
-            if widest * (len(chosen) + 1) > policy.max_batch_tokens:
+            if widest * (len(chosen) + 1) > limits.max_batch_tokens:
                 if policy.length_aware:
                     continue  # a text closer in length may still fit
                 break
@@ -297,19 +339,22 @@ class Batcher:
         self._pending = [item for i, item in enumerate(pending) if i not in taken]
         return [pending[i] for i in sorted(chosen)]
 
-    def _ready(self) -> bool:
-        """Called only while an engine thread is free (see `_run`)."""
+    def _wait_left_ms(self, limits: BatchLimits) -> float:
+        """Called only while an engine thread is free (see `_run`): how much longer the
+        queue waits before it runs as a batch (0: now)."""
         if not self._pending:
-            return False
-        if self._stopping or len(self._pending) >= self.policy.max_batch_size:
-            return True
+            return math.inf
+        if self._stopping or len(self._pending) >= limits.max_batch_size:
+            return 0.0
         tokens = max(item.length for item in self._pending) * len(self._pending)
-        if tokens >= self.policy.max_batch_tokens:
-            return True
-        if not self.policy.hold_when_idle and not self._still_tokenizing():
-            return True  # nothing else has arrived: waiting would only idle the engine
+        if tokens >= limits.max_batch_tokens:
+            return 0.0
         waited_ms = (time.perf_counter() - self._pending[0].enqueued) * 1000
-        return waited_ms >= self.policy.max_wait_ms
+        if self._still_tokenizing():  # texts already received: wait for them a while
+            return max(0.0, self.policy.max_wait_ms - waited_ms)
+        # Nothing else has arrived: waiting only idles the engine, unless the limits say a
+        # companion is worth it.
+        return max(0.0, limits.hold_ms - waited_ms)
 
     def _still_tokenizing(self) -> bool:
         return bool(self._incoming) or (
@@ -330,14 +375,14 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if not self._ready():
-                waited = time.perf_counter() - self._pending[0].enqueued
-                timeout = max(0.0, self.policy.max_wait_ms / 1000 - waited)
+            limits = self._limits()
+            wait_ms = self._wait_left_ms(limits)
+            if wait_ms > 0:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                    await asyncio.wait_for(self._wakeup.wait(), wait_ms / 1000)
                 continue
-            batch = [item for item in self._take_batch() if not item.future.cancelled()]
+            batch = [item for item in self._take_batch(limits) if not item.future.cancelled()]
             if batch:
                 task = asyncio.create_task(self._infer(loop, batch), name="inflow-batch")
                 self._running.add(task)
@@ -401,8 +446,11 @@ class Batcher:
         stats.real_tokens += real
         stats.padded_tokens += padded
         stats.batch_size_histogram[len(batch)] = stats.batch_size_histogram.get(len(batch), 0) + 1
+        cost = BatchCost(len(batch), infer_ms, real, padded)
+        if self.target is not None:
+            self.target.observe_batch(cost)
         if self._on_batch is not None:
-            self._on_batch(BatchCost(len(batch), infer_ms, real, padded))
+            self._on_batch(cost)
         for i, item in enumerate(batch):
             if item.future.done():  # the caller went away
                 continue

@@ -81,6 +81,10 @@ class Settings:
     max_batch_size: int = 8
     max_batch_tokens: int = 2048
     max_wait_ms: int = 10
+    # A p99 target (ms) for "record taken -> prediction acknowledged": 0 keeps the three knobs
+    # above fixed; > 0 makes them bounds, inside which each batch's size and wait are chosen
+    # from the measured batch times, queue and p99 (streams.latency).
+    latency_target_ms: float = 0.0
     # Events decoded but not yet answered: bounds memory and gives backpressure.
     max_in_flight: int = 256
     # The in-flight ceiling in bytes, for both agents (streams.flow): records taken and not
@@ -179,6 +183,11 @@ class Settings:
             raise ConfigError("INFLOW_MAX_BATCH_TOKENS must be positive")
         if self.max_wait_ms < 0:
             raise ConfigError("INFLOW_MAX_WAIT_MS must be 0 or more")
+        if not 0 <= self.latency_target_ms <= 600_000:
+            raise ConfigError(
+                "INFLOW_LATENCY_TARGET_MS must be between 0 (off: fixed batching) and 600000, "
+                f"got {self.latency_target_ms:g}"
+            )
         if self.max_in_flight < self.max_batch_size:
             raise ConfigError("INFLOW_MAX_IN_FLIGHT must be at least INFLOW_MAX_BATCH_SIZE")
         if self.max_in_flight_bytes < 1024 * 1024:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +93,7 @@ class InferStage:
     async def handle(self, record: InputRecord) -> None:
         """Take one record; returns once it is queued (waits when too many are open)."""
         await self._slots.acquire()
-        task = asyncio.create_task(self._process(record))
+        task = asyncio.create_task(self._process(record, time.perf_counter()))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -123,10 +124,10 @@ class InferStage:
             )
         return len(left)
 
-    async def _process(self, record: InputRecord) -> None:
+    async def _process(self, record: InputRecord, taken: float) -> None:
         self._metrics.events_in.inc()
         try:
-            await self._answer(record)
+            await self._answer(record, taken)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug met by this record: it still ends as a dead letter
@@ -142,7 +143,7 @@ class InferStage:
             await self._dead_letters.send(self._topics.dead_letters, record, error, Stage.INFER)
         record.ack()
 
-    async def _answer(self, record: InputRecord) -> None:
+    async def _answer(self, record: InputRecord, taken: float) -> None:
         decoded = decode_event(
             record.value, topic=record.topic, partition=record.partition, offset=record.offset
         )
@@ -160,10 +161,10 @@ class InferStage:
             version = exc.version if isinstance(exc, CandidateFailed) else None
             await self._dead_letter(record, error, Stage.INFER, version)
             return
-        await self._publish_prediction(record, decoded, result)
+        await self._publish_prediction(record, decoded, result, taken)
 
     async def _publish_prediction(
-        self, record: InputRecord, event: TextEvent, result: ItemResult
+        self, record: InputRecord, event: TextEvent, result: ItemResult, taken: float
     ) -> None:
         prediction = build_prediction(record, event, result)
         topic = self._topics.predictions
@@ -188,6 +189,10 @@ class InferStage:
         )
         self._metrics.queue_ms.observe(result.queue_ms)
         self._metrics.observe_published(event.ts_ms, record.timestamp)
+        # The worker's own latency: what a latency target steers by (streams.latency).
+        answered_s = time.perf_counter() - taken
+        self._metrics.taken_to_acked.observe(answered_s)
+        self._batcher.observe_latency(answered_s * 1000)
 
     async def _too_large(self, record: InputRecord, why: str, result: ItemResult) -> None:
         error = DecodeError(

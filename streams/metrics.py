@@ -27,6 +27,7 @@ from schemas import ErrorCode
 from streams.batcher import BatchCost
 from streams.drift import DriftCollector, DriftWatch
 from streams.lag import LagSample
+from streams.latency import LatencyTarget
 
 # No `*_created` series beside every counter and histogram: nothing here reads them.
 disable_created_metrics()
@@ -37,6 +38,11 @@ LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 1000
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # End to end: from milliseconds on an idle worker to minutes behind a backlog.
 E2E_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# The worker's own latency, fine enough to read a p99 against a target of tens of ms.
+TAKEN_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075,
+    0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 30,
+)  # fmt: skip
 # Shadow and canary comparisons (streams.rollout).
 SCORE_DELTA_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 COSINE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
@@ -100,6 +106,56 @@ class _LagCollector(Collector):
                 "inflow_consumer_stalled_seconds",
                 "Seconds since a lagging partition last advanced (0 when caught up)",
                 labels=labels,
+            ),
+        )
+
+
+class _LatencyTargetCollector(Collector):
+    """The latency target's state (streams.latency), read at scrape time."""
+
+    def __init__(self, target: LatencyTarget) -> None:
+        self._target = target
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        t = self._target
+        target, p99, size, tokens, hold, overloaded = self._families()
+        target.add_metric([], t.target_ms / 1000)
+        if t.measured_p99_ms is not None:
+            p99.add_metric([], t.measured_p99_ms / 1000)
+        size.add_metric([], t.chosen.max_batch_size)
+        tokens.add_metric([], t.chosen.max_batch_tokens)
+        hold.add_metric([], t.chosen.hold_ms / 1000)
+        overloaded.add_metric([], 1.0 if t.overloaded else 0.0)
+        yield from (target, p99, size, tokens, hold, overloaded)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                "inflow_latency_target_seconds",
+                "INFLOW_LATENCY_TARGET_MS: the p99 of taken -> acknowledged the batcher holds",
+            ),
+            GaugeMetricFamily(
+                "inflow_latency_p99_seconds",
+                "The p99 of taken -> acknowledged the batcher measured over the last 30 s",
+            ),
+            GaugeMetricFamily(
+                "inflow_batch_size_chosen", "The batch size limit the latency target chose"
+            ),
+            GaugeMetricFamily(
+                "inflow_batch_tokens_chosen",
+                "The padded-token limit per batch the latency target chose",
+            ),
+            GaugeMetricFamily(
+                "inflow_batch_hold_seconds",
+                "How long an idle engine waits for company, as the latency target chose",
+            ),
+            GaugeMetricFamily(
+                "inflow_batch_overloaded",
+                "1 while the queue holds more work than the target allows: batches at the bounds",
             ),
         )
 
@@ -194,6 +250,13 @@ class Metrics:
             "inflow_produced_to_published_seconds",
             "From the input record's Kafka timestamp to its prediction acknowledged by Kafka",
             buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.taken_to_acked = Histogram(
+            "inflow_taken_to_acked_seconds",
+            "From the worker taking a record to its prediction acknowledged by the broker: "
+            "the latency INFLOW_LATENCY_TARGET_MS holds at p99",
+            buckets=TAKEN_BUCKETS_S,
             registry=r,
         )
         self.es_bulk_seconds = Histogram(
@@ -296,6 +359,10 @@ class Metrics:
         self.predictions.labels(label=label).inc()
         if self.drift is not None:
             self.drift.observe(version, label, scores)
+
+    def watch_latency_target(self, target: LatencyTarget) -> None:
+        """Expose the target, the limits it chose and the p99 it measured, at every scrape."""
+        self.registry.register(_LatencyTargetCollector(target))
 
     def watch_drift(self, watch: DriftWatch) -> None:
         """Expose `inflow_drift_psi` and the window sizes of `watch` at every scrape."""
