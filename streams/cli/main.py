@@ -163,6 +163,23 @@ def cmd_bench_knn(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    import json
+
+    from streams.cli.pipeline_bench import cpu_description, local_services
+    from streams.cli.scale_bench import as_json, run_scale_bench
+
+    with local_services(_settings(args)) as settings:
+        results = run_scale_bench(
+            settings, n=args.n, workers=args.workers, kinds=args.texts.split(",")
+        )
+    args.json.write_text(
+        json.dumps({"cpu": cpu_description(), "runs": as_json(results)}, indent=2) + "\n"
+    )
+    print(f"results written to {args.json}")
+    return 0
+
+
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from streams.cli.pipeline_bench import run_pipeline_bench
 
@@ -175,6 +192,16 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
         baselines=[] if args.no_baselines else ["per-event", "take"],
         json_path=args.json,
         png_path=None if args.no_chart else args.png,
+        study=None
+        if not (args.pin or args.policies)
+        else {
+            "n": args.n,
+            "fraction": args.at,
+            "policies": args.policies or "8/2048/10,target",
+            "pin": args.pin,
+            "target": args.latency_target_ms,
+            "runs": args.runs,
+        },
     )
 
 
@@ -497,7 +524,42 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--json", type=Path, default=Path("pipeline-bench.json"))
     pipeline.add_argument("--png", type=Path, default=Path("pipeline-bench.png"))
     pipeline.add_argument("--no-chart", action="store_true", help="no PNG (no matplotlib)")
+    pipeline.add_argument(
+        "--pin",
+        action="store_true",
+        help="drain and latency only, unpinned and then with the worker on its own core and "
+        "Kafka, the search server and the load generator on the others",
+    )
+    pipeline.add_argument(
+        "--policies",
+        default="",
+        help="drain and latency only, for each batching policy at one offered load: fixed "
+        "knobs SIZE/TOKENS/WAIT_MS or 'target', e.g. 1/2048/0,8/2048/10,32/4096/10,target",
+    )
+    pipeline.add_argument(
+        "--at", type=float, default=0.5, help="offered load: this fraction of the first "
+        "policy's drain rate, the same for every policy of a placement (0.5)"
+    )  # fmt: skip
+    pipeline.add_argument(
+        "--latency-target-ms",
+        default="auto",
+        help="the 'target' policy's INFLOW_LATENCY_TARGET_MS; auto: 3x the median batch time "
+        "the first policy ran at that load (auto)",
+    )
+    pipeline.add_argument("--runs", type=int, default=1, help="repeat the study (1)")
     pipeline.set_defaults(handler=cmd_bench_pipeline)
+    scale = benches.add_parser(
+        "scale",
+        help="1 then N workers in one group drain the same backlog, each pinned to a core; "
+        "the capacity formula (docs/capacity.md) fed by the first run predicts the others",
+    )
+    scale.add_argument("--n", type=int, default=3000, help="backlog of texts per run (3000)")
+    scale.add_argument("--workers", type=_int_list, default=[1, 2], help="worker counts (1,2)")
+    scale.add_argument(
+        "--texts", default="tweets,reviews", help="tweets, reviews or both (tweets,reviews)"
+    )
+    scale.add_argument("--json", type=Path, default=Path("scale-bench.json"))
+    scale.set_defaults(handler=cmd_bench_scale)
     passages = benches.add_parser(
         "passages",
         help="engine ms per event by text length, truncated and with passages (windows)",

@@ -23,6 +23,7 @@ load). Figures are noisy on a shared machine: run it more than once and report t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -36,7 +37,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -508,6 +509,27 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+@contextlib.contextmanager
+def local_services(settings: Settings) -> Iterator[Settings]:
+    """`settings` pointed at Kafka and the search server: the configured ones, else the dev
+    services, started here (and stopped after) unless they already run."""
+    if settings.kafka_bootstrap and settings.es_url:
+        yield settings
+        return
+    from streams.dev.services import DevServices
+
+    dev = DevServices.for_state_dir(settings.state_dir)
+    started_here = not dev.running("kafka") or not dev.running("search")
+    endpoints = dev.up()
+    try:
+        yield settings.with_overrides(
+            kafka_bootstrap=endpoints.kafka_bootstrap, es_url=endpoints.es_url
+        )
+    finally:
+        if started_here:
+            dev.down()  # else someone else's services: leave them running
+
+
 def run_pipeline_bench(
     settings: Settings,
     *,
@@ -519,20 +541,13 @@ def run_pipeline_bench(
     json_path: Path,
     png_path: Path | None,
     echo: Callable[[str], None] = print,
+    study: dict[str, Any] | None = None,
 ) -> int:
-    dev = None
-    if not settings.kafka_bootstrap or not settings.es_url:
-        from streams.dev.services import DevServices
-
-        dev = DevServices.for_state_dir(settings.state_dir)
-        started_here = not dev.running("kafka") or not dev.running("search")
-        endpoints = dev.up()
-        settings = settings.with_overrides(
-            kafka_bootstrap=endpoints.kafka_bootstrap, es_url=endpoints.es_url
-        )
-        if not started_here:
-            dev = None  # someone else's services: leave them running
-    try:
+    """The whole bench; with `study` (`--pin`/`--policies`), phases 3-4 only, per placement and
+    batching policy (streams.cli.latency_bench)."""
+    with local_services(settings) as settings:
+        if study is not None:
+            return _run_study(settings, study, latency_events, json_path, echo)
         report = measure_all(
             settings,
             n=n,
@@ -542,9 +557,6 @@ def run_pipeline_bench(
             baselines=baselines,
             echo=echo,
         )
-    finally:
-        if dev is not None:
-            dev.down()
     fill_ratios(report)
     echo(format_report(report))
     json_path.write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -552,6 +564,34 @@ def run_pipeline_bench(
     if png_path is not None and report.latency:
         chart(report, png_path)
         echo(f"chart written to {png_path}")
+    return 0
+
+
+def _run_study(
+    settings: Settings,
+    study: dict[str, Any],
+    latency_events: int,
+    json_path: Path,
+    echo: Callable[[str], None],
+) -> int:
+    from streams.cli.latency_bench import as_json, parse_policies, run_latency_study, summary
+
+    results = run_latency_study(
+        settings,
+        n=study["n"],
+        latency_events=latency_events,
+        fraction=study["fraction"],
+        policies=parse_policies(study["policies"]),
+        pin=study["pin"],
+        target=study["target"],
+        runs=study["runs"],
+        echo=echo,
+    )
+    echo("\n".join(summary(results)))
+    json_path.write_text(
+        json.dumps({"cpu": cpu_description(), "runs": as_json(results)}, indent=2) + "\n"
+    )
+    echo(f"results written to {json_path}")
     return 0
 
 
