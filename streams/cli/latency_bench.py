@@ -254,6 +254,13 @@ def run_latency_study(
     """Every policy in every placement, `runs` times (the services must be up)."""
     from engines.build.data import sample_texts
 
+    if target != "auto":
+        try:
+            float(target)
+        except ValueError:
+            raise SystemExit(
+                f"--latency-target-ms must be a number of ms or 'auto', got {target!r}"
+            ) from None
     pids = service_pids(settings)
     texts = sample_texts(n, seed=1)
     offer = sample_texts(latency_events, seed=2)
@@ -269,6 +276,10 @@ def run_latency_study(
                 target_ms = (
                     3 * first.median_batch_ms if target == "auto" and first else float(target)
                 )
+                if policy.name == "target" and not 0 < target_ms < float("inf"):
+                    raise SystemExit(
+                        f"--latency-target-ms: {target_ms} is not a positive number of ms"
+                    )
                 result = run_policy(
                     settings,
                     texts,

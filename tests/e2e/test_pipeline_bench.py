@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import TestServices
 from tests.e2e.conftest import ROOT
 
@@ -73,3 +75,73 @@ def test_bench_pipeline_runs_on_a_tiny_configuration(
     ):
         assert key in report["ratios"]
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def _bench(services: TestServices, engine_dir: Path, tmp_path: Path, *argv: str) -> dict:
+    report_path = tmp_path / "study.json"
+    env = {
+        **os.environ,
+        "INFLOW_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
+        "INFLOW_ES_URL": services.es_url,
+        "INFLOW_ENGINE_DIR": str(engine_dir),
+        "INFLOW_STATE_DIR": str(tmp_path / "state"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.cli.main", "bench", *argv, "--json", str(report_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report: dict = json.loads(report_path.read_text())
+    return report
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs 2 CPUs")
+def test_the_placement_study_pins_the_worker_and_runs_the_latency_target(
+    services: TestServices, engine_dir: Path, tmp_path: Path
+) -> None:
+    """Unpinned and pinned, a fixed policy then the target at 3x its median batch time: the
+    pinned worker's threads ran on its core only, and every latency came from its own
+    taken -> acked histogram."""
+    report = _bench(
+        services, engine_dir, tmp_path,
+        "pipeline", "--pin", "--policies", "8/2048/10,target", "--n", "30",
+        "--latency-events", "20",
+    )  # fmt: skip
+    runs = report["runs"]
+    assert [(r["placement"], r["policy"]) for r in runs] == [
+        ("unpinned", "8/2048/10"), ("unpinned", "target"),
+        ("pinned", "8/2048/10"), ("pinned", "target"),
+    ]  # fmt: skip
+    cores = sorted(os.sched_getaffinity(0))
+    for r in runs:
+        assert r["events"] == 20 and r["drain_per_s"] > 0
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["median_batch_size"] >= 1
+        if r["placement"] == "pinned":
+            assert r["cores_allowed"]["worker"] == cores[:1]
+            assert r["cores_allowed"]["bench"] == cores[1:]
+        else:
+            assert r["cores_allowed"]["worker"] == cores
+    for fixed, target in ((runs[0], runs[1]), (runs[2], runs[3])):
+        assert target["target_ms"] == pytest.approx(3 * fixed["median_batch_ms"], abs=0.2)
+        assert target["offered_per_s"] == fixed["offered_per_s"]  # one load per placement
+        assert target["within_target"] == (target["p99_ms"] <= target["target_ms"])
+
+
+def test_the_scale_bench_predicts_two_workers_from_one(
+    services: TestServices, engine_dir: Path, tmp_path: Path
+) -> None:
+    report = _bench(
+        services, engine_dir, tmp_path,
+        "scale", "--n", "40", "--workers", "1,2", "--texts", "tweets",
+    )  # fmt: skip
+    one, two = report["runs"]
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert one["events"] == two["events"] == 40
+    assert one["predicted_per_s"] is None and two["predicted_per_s"] > 0
+    assert one["worker_cpu_ms_per_event"] > 0 and two["worker_cpu_ms_per_event"] > 0
+    assert two["error"] == pytest.approx(two["predicted_per_s"] / two["events_per_s"] - 1)
