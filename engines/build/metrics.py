@@ -53,6 +53,17 @@ class EvalReport:
         return "\n".join(lines)
 
 
+def describe(report: EvalReport) -> str:
+    """One line: the report's scores, its calibration error and the share called neutral."""
+    line = report.line()
+    if "ece" in report.extra:
+        line += f"  ECE {report.extra['ece']:.3f}"
+    share = report.extra.get("predicted_share", {})
+    if "neutral" in share:
+        line += f"  neutral {share['neutral']:.0%}"
+    return line
+
+
 def evaluate(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> EvalReport:
     """Scores over `labels`; a prediction outside them (a 3-class model's "neutral" on
     positive/negative data) is a miss for its gold label."""

@@ -40,7 +40,7 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_PRECISION = {"onnxruntime": "int8", "torch": "fp32", "tensorrt": "fp16"}
 DEFAULT_PARITY_TEXTS = 500
-DEFAULT_MODEL_REVIEWS = 200  # out-of-domain reviews scored when ensure trains the default model
+DEFAULT_MODEL_REVIEWS = 500  # out-of-domain IMDB reviews scored when ensure trains the default
 Echo = Callable[[str], None]
 
 
@@ -124,6 +124,12 @@ def record_baseline(
     updated = registry.record_baseline(version, drift_baseline(info, probs, len(examples)))
     echo(f"recorded the drift baseline of {version} on {len(examples)} evaluation texts")
     return updated
+
+
+def _evaluation(info: ModelInfo) -> dict[str, Any]:
+    """The per-domain scores `inflow train` stored with the model (empty for other models)."""
+    scores = info.meta.get("train", {}).get("scores", {})
+    return scores if isinstance(scores, dict) else {}
 
 
 def parity_examples(info: ModelInfo, n: int = DEFAULT_PARITY_TEXTS) -> list[tuple[str, str]]:
@@ -304,6 +310,8 @@ def build(
                 "model_kind": info.kind,
                 "pooling": info.pooling,
                 "normalize": info.normalize,
+                # The model's evaluation per domain (`inflow train`), shown by `engine list`.
+                **({"evaluation": scores} if (scores := _evaluation(info)) else {}),
             },
             task=info.task,
             embedding_dim=info.embedding_dim,

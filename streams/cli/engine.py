@@ -11,9 +11,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engines.assets import registry_dir
 from engines.errors import EngineError
+
+if TYPE_CHECKING:
+    from engines.registry import Manifest
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -94,6 +98,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{m.model_name:<24}  {agreement if agreement is None else f'{agreement:9.4f}'}  "
             f"{cos if cos is None else f'{cos:7.4f}'}  {m.created}"
         )
+        for line in _evaluation_lines(m):
+            print(f"  {'':<{width}}  {line}")
         mark = failed.get(m.version)
         if mark is not None:  # workers skip it until it is activated anew
             where = f" on {mark.worker}" if mark.worker else ""
@@ -105,6 +111,24 @@ def cmd_list(args: argparse.Namespace) -> int:
             "(`inflow engine activate VERSION` picks one)"
         )
     return 0
+
+
+def _evaluation_lines(manifest: Manifest) -> list[str]:
+    """The model's evaluation per domain, as `inflow train` measured it (fp32, before the build:
+    the parity columns say how far this engine is from it)."""
+    lines = []
+    for domain, score in (manifest.extra.get("evaluation") or {}).items():
+        if not isinstance(score, dict):
+            continue
+        share = (score.get("predicted_share") or {}).get("neutral")
+        lines.append(
+            f"{domain:<12} accuracy {score.get('accuracy', float('nan')):.3f}  balanced "
+            f"{score.get('balanced_accuracy', float('nan')):.3f}  macro-F1 "
+            f"{score.get('macro_f1', float('nan')):.3f}  ECE {score.get('ece', float('nan')):.3f}"
+            + (f"  neutral {share:.0%}" if share is not None else "")
+            + f"  (n={score.get('n', 0)})"
+        )
+    return lines
 
 
 def _marker(version: str, active: str | None, candidate: str | None) -> str:
@@ -329,6 +353,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         progress=not args.quiet,
         out_of_domain=args.out_of_domain,
+        calibrated=args.calibrate,
         compare_frozen=args.compare_frozen,
     )
     print(path)
@@ -523,7 +548,20 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default=True,
         help="also score the frozen-encoder head fine-tuning starts from (default)",
     )
-    t.add_argument("--max-train", type=int, default=None, help="cap on training examples")
+    t.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fit class-prior offsets and a temperature on the validation splits and fold them "
+        "into the head (default)",
+    )
+    t.add_argument(
+        "--max-train",
+        type=int,
+        default=None,
+        help="cap on the dataset's own training examples (sentiment: tweets; every review "
+        "sentence of the training split comes on top)",
+    )
     t.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (1)")
     t.add_argument("--out", type=Path, default=None, help="models folder (.inflow/models)")
     t.add_argument("--quiet", action="store_true")

@@ -731,14 +731,19 @@ def test_a_prediction_outside_the_gold_labels_is_a_miss() -> None:
     assert "balanced accuracy 0.667" in report.line()
 
 
-def test_review_examples_are_labelled_imdb_reviews_outside_the_tweets() -> None:
-    from engines.build.data import load_sentiment, review_examples
+def test_review_examples_are_labelled_imdb_reviews_outside_every_training_domain() -> None:
+    from engines.build.data import load_sentiment, review_examples, review_sentences
 
     reviews = review_examples(200)
     assert len(reviews) == 200 and {label for _, label in reviews} == {"negative", "positive"}
     assert 80 <= sum(label == "positive" for _, label in reviews) <= 120
     assert not any("<br />" in text for text, _ in reviews)
-    assert not {text for text, _ in reviews} & {text for text, _ in load_sentiment()}
+    every = {text for text, _ in review_examples(100_000)}
+    assert len(every) > 24_000
+    assert not every & {text for text, _ in load_sentiment()}
+    sentences = review_sentences()
+    assert len(sentences) > 8_000 and {label for _, label in sentences} == {"negative", "positive"}
+    assert not every & {text for text, _ in sentences}
 
 
 # ------------------------------------------------------------------------------ CLI
