@@ -141,7 +141,9 @@ class PolicyRun:
     p99_ms: float
     produce_p99_ms: float  # the bench's send -> the prediction's record timestamp
     median_batch_ms: float
-    median_batch_size: float
+    queue_p99_ms: float  # waiting in the batcher, and a batch on the engine (where the p99 went)
+    batch_p99_ms: float
+    mean_batch_size: float
     p90_batch_size: float
     cores_used: dict[str, float] = field(default_factory=dict)
     cores_allowed: dict[str, list[int]] = field(default_factory=dict)
@@ -232,7 +234,16 @@ def run_policy(
         p99_ms=round(1000 * histogram_quantile(before, after, taken, 0.99), 1),
         produce_p99_ms=round(percentile([got[k] - sent[k] for k in sent], 0.99), 1),
         median_batch_ms=round(histogram_quantile(before, after, "inflow_batch_infer_ms"), 1),
-        median_batch_size=round(histogram_quantile(before, after, "inflow_batch_size"), 1),
+        queue_p99_ms=round(histogram_quantile(before, after, "inflow_queue_ms", 0.99), 1),
+        batch_p99_ms=round(histogram_quantile(before, after, "inflow_batch_infer_ms", 0.99), 1),
+        mean_batch_size=round(
+            (after.get("inflow_batch_size_sum", 0) - before.get("inflow_batch_size_sum", 0))
+            / max(
+                after.get("inflow_batch_size_count", 0) - before.get("inflow_batch_size_count", 0),
+                1,
+            ),
+            2,
+        ),
         p90_batch_size=round(histogram_quantile(before, after, "inflow_batch_size", 0.9), 1),
         cores_used=used,
         cores_allowed=allowed,
@@ -273,9 +284,10 @@ def run_latency_study(
             for policy in policies:
                 if policy.name == "target" and target == "auto" and first is None:
                     raise SystemExit("--latency-target-ms auto needs a fixed policy first")
-                target_ms = (
-                    3 * first.median_batch_ms if target == "auto" and first else float(target)
-                )
+                target_ms = 0.0
+                if policy.name == "target":
+                    auto = target == "auto" and first is not None
+                    target_ms = 3 * first.median_batch_ms if auto and first else float(target)
                 if policy.name == "target" and not 0 < target_ms < float("inf"):
                     raise SystemExit(
                         f"--latency-target-ms: {target_ms} is not a positive number of ms"
@@ -301,7 +313,7 @@ def run_latency_study(
 HEADER = (
     f"{'run':>3} {'placement':<9} {'policy':<11} {'drain/s':>8} {'offered':>8} "
     f"{'p50 ms':>7} {'p99 ms':>7} {'target':>7} {'ok':>3} {'batch ms':>9} {'3x':>6} "
-    f"{'size p50/p90':>13}  cores used (allowed)"
+    f"{'size mean/p90':>13} {'queue/batch p99':>15}  cores used (allowed)"
 )
 
 
@@ -314,7 +326,8 @@ def format_row(r: PolicyRun) -> str:
     return (
         f"{r.run:>3} {r.placement:<9} {r.policy:<11} {r.drain_per_s:>8.1f} {r.offered_per_s:>8.1f} "
         f"{r.p50_ms:>7.1f} {r.p99_ms:>7.1f} {target:>7} {ok:>3} {r.median_batch_ms:>9.1f} "
-        f"{3 * r.median_batch_ms:>6.1f} {r.median_batch_size:>6.1f}/{r.p90_batch_size:<6.1f}"
+        f"{3 * r.median_batch_ms:>6.1f} {r.mean_batch_size:>6.2f}/{r.p90_batch_size:<6.1f}"
+        f" {r.queue_p99_ms:>7.1f}/{r.batch_p99_ms:<7.1f}"
         f"  {cores}"
     )
 

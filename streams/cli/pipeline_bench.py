@@ -415,7 +415,12 @@ async def offer_load(
     return sent
 
 
-SCRAPED = ("inflow_batch_", "inflow_queue_ms", "inflow_produced_to_published_seconds")
+SCRAPED = (
+    "inflow_batch_",
+    "inflow_queue_ms",
+    "inflow_produced_to_published_seconds",
+    "inflow_taken_to_acked_seconds",
+)
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -3,8 +3,9 @@ the capacity formula of docs/capacity.md, fed by the one-worker run, predicts th
 
 Each worker is pinned to its own core (worker i on core i mod cores; the engine sizes itself to
 that one core), Kafka and the search server run unpinned on this machine. Per run: events/s
-from the predictions' record timestamps, CPU seconds per event of the workers and of the
-services (from /proc, over the drain). The formula (docs/capacity.md):
+from the predictions' record timestamps, CPU seconds per event of the workers and of everything
+else that shares the machine (Kafka, the search server and this bench's consumer of the
+predictions; from /proc, over the drain). The formula (docs/capacity.md):
 
     events/s = min(workers x cores_per_worker / worker_cpu_per_event,
                    machine_cores / (worker_cpu_per_event + services_cpu_per_event))
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +41,8 @@ from streams.cli.pipeline_bench import (
 )
 from streams.config import Settings
 
+SETTLE_S = 8.0  # after the last worker is ready: the group's last rebalance has ended
+
 
 @dataclass
 class ScaleRun:
@@ -47,7 +51,7 @@ class ScaleRun:
     events: int
     events_per_s: float
     worker_cpu_ms_per_event: float  # all workers together
-    services_cpu_ms_per_event: float  # Kafka and the search server
+    services_cpu_ms_per_event: float  # Kafka, the search server and the bench's consumer
     predicted_per_s: float | None = None  # from the one-worker run, by the formula
 
     @property
@@ -89,7 +93,6 @@ def run_workers(
             partitions,
         )
     )
-    asyncio.run(produce_backlog(s, s.texts_topic, texts, tag))
     base_env = {**os.environ, **{f"INFLOW_{k.upper()}": str(v) for k, v in _env_fields(s).items()}}
     cores = sorted(ALL_CORES)
     procs: list[subprocess.Popen[bytes]] = []
@@ -114,10 +117,16 @@ def run_workers(
             )
         ports.append(port)
     names = {f"worker{i}": p.pid for i, p in enumerate(procs)}
-    sampler = CpuSampler({**pids, **names}).start()
+    # The bench's own consumer of the predictions stands for the downstream consumers that share
+    # this machine: its CPU per event counts with the services'.
+    sampler = CpuSampler({**pids, **names, "bench": os.getpid()}).start()
     try:
+        # Every worker in the group and the partitions shared out before the backlog arrives:
+        # a rebalance inside the drain would count as slowness.
         for port, proc in zip(ports, procs, strict=True):
             wait_ready(port, proc, timeout_s=300)
+        time.sleep(SETTLE_S)
+        asyncio.run(produce_backlog(s, s.texts_topic, texts, tag))
         stamps = asyncio.run(
             collect(s, s.predictions_topic, len(texts), f"{workers} worker(s)", timeout_s=1800)
         )

@@ -60,7 +60,9 @@ def test_pinning_moves_every_thread_and_unpinning_restores_them() -> None:
 
 
 def row(policy: str, p99: float, drain: float, target: float = 0.0) -> PolicyRun:
-    return PolicyRun(1, "pinned", policy, target, drain, 50.0, 500, 5.0, p99, 90.0, 8.0, 1, 2)
+    return PolicyRun(
+        1, "pinned", policy, target, drain, 50.0, 500, 5.0, p99, 90.0, 8.0, 3.0, 9.0, 1, 2
+    )
 
 
 def test_the_summary_compares_the_target_with_the_best_fixed_policy() -> None:
