@@ -19,17 +19,12 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from streams.cli.pipeline_bench import (
     CpuSampler,
-    _env_fields,
     _unique,
     collect,
     collect_keys,
@@ -40,6 +35,7 @@ from streams.cli.pipeline_bench import (
     produce_backlog,
     scrape,
     service_pids,
+    start_worker,
     stop_process,
     wait_indexed,
     wait_ready,
@@ -173,29 +169,14 @@ def run_policy(
     s, tag = _unique(settings, "lat")
     ensure_topics_sync(s)
     asyncio.run(produce_backlog(s, s.texts_topic, texts, tag))
-    env = {**os.environ, **{f"INFLOW_{k.upper()}": str(v) for k, v in _env_fields(s).items()}}
-    env.update(policy.env)
+    env = dict(policy.env)
     if policy.name == "target":
         env["INFLOW_LATENCY_TARGET_MS"] = f"{target_ms:g}"
     for name in ("kafka", "search"):
         if name in pids:
             pin_process(pids[name], placement.other_cores)
     pin_process(os.getpid(), placement.other_cores)
-    worker_cores = placement.worker_cores
-
-    def place() -> None:  # in the child, before exec: the engine sizes itself to these cores
-        if worker_cores is not None:
-            os.sched_setaffinity(0, worker_cores)
-
-    log = Path(tempfile.gettempdir()) / f"{tag}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli.main", "worker", "--web-port", str(s.web_port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=place,
-        )
+    proc = start_worker(s, s.web_port, tag, env=env, cores=placement.worker_cores)
     sampler = CpuSampler({**pids, "worker": proc.pid, "bench": os.getpid()}).start()
     try:
         wait_ready(s.web_port, proc, timeout_s=300)

@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -700,15 +700,7 @@ def run_worker_phases(
     s, run = _unique(settings, "inflow")
     ensure_topics_sync(s)
     asyncio.run(produce_backlog(s, s.texts_topic, texts, run))
-    env = {**os.environ, **{f"INFLOW_{k.upper()}": str(v) for k, v in _env_fields(s).items()}}
-    log = Path(tempfile.gettempdir()) / f"{run}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli.main", "worker", "--web-port", str(s.web_port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_worker(s, s.web_port, run)
     sampler = CpuSampler({**pids, "worker": proc.pid, "bench": os.getpid()}).start()
     try:
         wait_ready(s.web_port, proc, timeout_s=300)
@@ -814,6 +806,39 @@ async def collect_keys(
     if len(got) < len(keys):
         raise RuntimeError(f"{desc}: {len(got)} of {len(keys)} predictions arrived")
     return got
+
+
+def start_worker(
+    settings: Settings,
+    port: int,
+    log_name: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    cores: frozenset[int] | None = None,
+) -> subprocess.Popen[bytes]:
+    """An `inflow worker` process on `settings`' topics, alias and engine, serving `port`,
+    logging to `<tmp>/<log_name>.log`. With `cores`, it is pinned to them before exec, so its
+    engine sizes itself to those cores."""
+    full = {
+        **os.environ,
+        **{f"INFLOW_{k.upper()}": str(v) for k, v in _env_fields(settings).items()},
+        "INFLOW_WEB_PORT": str(port),
+        **(env or {}),
+    }
+
+    def place() -> None:
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
+
+    log = Path(tempfile.gettempdir()) / f"{log_name}.log"
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streams.cli.main", "worker", "--web-port", str(port)],
+            env=full,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=None if cores is None else place,
+        )
 
 
 def _env_fields(s: Settings) -> dict[str, Any]:

@@ -18,17 +18,13 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from streams.cli.latency_bench import ALL_CORES
 from streams.cli.pipeline_bench import (
     CpuSampler,
-    _env_fields,
     _unique,
     collect,
     cpu_description,
@@ -36,6 +32,7 @@ from streams.cli.pipeline_bench import (
     free_port,
     produce_backlog,
     service_pids,
+    start_worker,
     stop_process,
     wait_ready,
 )
@@ -93,29 +90,13 @@ def run_workers(
             partitions,
         )
     )
-    base_env = {**os.environ, **{f"INFLOW_{k.upper()}": str(v) for k, v in _env_fields(s).items()}}
     cores = sorted(ALL_CORES)
     procs: list[subprocess.Popen[bytes]] = []
     ports: list[int] = []
     for i in range(workers):
-        port = free_port()
+        ports.append(free_port())
         core = frozenset({cores[i % len(cores)]})
-
-        def place(core: frozenset[int] = core) -> None:
-            os.sched_setaffinity(0, core)
-
-        log = Path(tempfile.gettempdir()) / f"{tag}-{i}.log"
-        with log.open("wb") as out:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "streams.cli.main", "worker", "--web-port", str(port)],
-                    env={**base_env, "INFLOW_WEB_PORT": str(port)},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=place,
-                )
-            )
-        ports.append(port)
+        procs.append(start_worker(s, ports[-1], f"{tag}-{i}", cores=core))
     names = {f"worker{i}": p.pid for i, p in enumerate(procs)}
     # The bench's own consumer of the predictions stands for the downstream consumers that share
     # this machine: its CPU per event counts with the services'.
