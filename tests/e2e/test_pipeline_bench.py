@@ -17,9 +17,10 @@ from tests.conftest import TestServices
 from tests.e2e.conftest import ROOT
 
 
-def test_bench_pipeline_runs_on_a_tiny_configuration(
-    services: TestServices, engine_dir: Path, tmp_path: Path
-) -> None:
+def _bench(
+    services: TestServices, engine_dir: Path, tmp_path: Path, *argv: str
+) -> tuple[dict, str]:
+    """`inflow bench ARGV --json F` against the test services: (the JSON report, stdout)."""
     report_path = tmp_path / "bench.json"
     env = {
         **os.environ,
@@ -29,20 +30,27 @@ def test_bench_pipeline_runs_on_a_tiny_configuration(
         "INFLOW_STATE_DIR": str(tmp_path / "state"),
     }
     result = subprocess.run(
-        [
-            sys.executable, "-m", "streams.cli.main", "bench", "pipeline",
-            "--n", "40", "--baseline-n", "12", "--rates", "0.5", "--latency-events", "20",
-            "--json", str(report_path), "--png", str(tmp_path / "bench.png"),
-        ],
+        [sys.executable, "-m", "streams.cli.main", "bench", *argv, "--json", str(report_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ratios:" in result.stdout
-    report = json.loads(report_path.read_text())
+    report: dict = json.loads(report_path.read_text())
+    return report, result.stdout
+
+
+def test_bench_pipeline_runs_on_a_tiny_configuration(
+    services: TestServices, engine_dir: Path, tmp_path: Path
+) -> None:
+    report, stdout = _bench(
+        services, engine_dir, tmp_path,
+        "pipeline", "--n", "40", "--baseline-n", "12", "--rates", "0.5", "--latency-events", "20",
+        "--png", str(tmp_path / "bench.png"),
+    )  # fmt: skip
+    assert "ratios:" in stdout
     assert set(report["cpu"]) == {"model", "cpus", "flags"}
     assert report["engine_only"]["texts_per_s"] > 0
     assert report["engine_only"]["cpu_s_per_text"] > 0
@@ -77,28 +85,6 @@ def test_bench_pipeline_runs_on_a_tiny_configuration(
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-def _bench(services: TestServices, engine_dir: Path, tmp_path: Path, *argv: str) -> dict:
-    report_path = tmp_path / "study.json"
-    env = {
-        **os.environ,
-        "INFLOW_KAFKA_BOOTSTRAP": services.kafka_bootstrap,
-        "INFLOW_ES_URL": services.es_url,
-        "INFLOW_ENGINE_DIR": str(engine_dir),
-        "INFLOW_STATE_DIR": str(tmp_path / "state"),
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "streams.cli.main", "bench", *argv, "--json", str(report_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report: dict = json.loads(report_path.read_text())
-    return report
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs 2 CPUs")
 def test_the_placement_study_pins_the_worker_and_runs_the_latency_target(
     services: TestServices, engine_dir: Path, tmp_path: Path
@@ -106,7 +92,7 @@ def test_the_placement_study_pins_the_worker_and_runs_the_latency_target(
     """Unpinned and pinned, a fixed policy then the target at 3x its median batch time: the
     pinned worker's threads ran on its core only, and every latency came from its own
     taken -> acked histogram."""
-    report = _bench(
+    report, _ = _bench(
         services, engine_dir, tmp_path,
         "pipeline", "--pin", "--policies", "8/2048/10,target", "--n", "30",
         "--latency-events", "20",
@@ -135,7 +121,7 @@ def test_the_placement_study_pins_the_worker_and_runs_the_latency_target(
 def test_the_scale_bench_predicts_two_workers_from_one(
     services: TestServices, engine_dir: Path, tmp_path: Path
 ) -> None:
-    report = _bench(
+    report, _ = _bench(
         services, engine_dir, tmp_path,
         "scale", "--n", "40", "--workers", "1,2", "--texts", "tweets",
     )  # fmt: skip
