@@ -114,10 +114,10 @@ async def test_a_record_whose_processing_raises_is_one_dead_letter() -> None:
     stage = InferStage(batcher, publisher, TOPICS, Metrics(), max_in_flight=4)
     original = stage._answer
 
-    async def answer(record: InputRecord) -> None:
+    async def answer(record: InputRecord, taken: float) -> None:
         if b"boom" in (record.value or b""):
             raise KeyError("a bug met by this record")
-        await original(record)
+        await original(record, taken)
 
     stage._answer = answer  # type: ignore[method-assign]
     await batcher.start()

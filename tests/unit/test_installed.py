@@ -17,6 +17,7 @@ def top_level_folders() -> dict[str, set[str]]:
     """Top-level folder -> the distributions whose RECORD installs files under it."""
     found: dict[str, set[str]] = defaultdict(set)
     for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]  # parsed once: it is an email parse per call
         for file in dist.files or ():
             parts = file.parts
             if (
@@ -24,7 +25,7 @@ def top_level_folders() -> dict[str, set[str]]:
                 and parts[0] != ".."
                 and not parts[0].endswith((".dist-info", ".egg-info", ".data"))
             ):
-                found[parts[0]].add(dist.metadata["Name"])
+                found[parts[0]].add(name)
     return found
 
 
