@@ -301,14 +301,17 @@ class Batcher:
 
     # ----------------------------------------------------------------- batching loop
 
-    def _limits(self) -> BatchLimits:
+    def _queued_tokens(self) -> int:
+        """The padded tokens of the whole queue as one batch (longest x count)."""
+        return max(item.length for item in self._pending) * len(self._pending)
+
+    def _limits(self, queued_tokens: int) -> BatchLimits:
         """This batch's limits: the policy's, or the latency target's choice within it."""
         policy = self.policy
         if self.target is None:
             hold = float(policy.max_wait_ms) if policy.hold_when_idle else 0.0
             return BatchLimits(policy.max_batch_size, policy.max_batch_tokens, hold)
-        queued = max(item.length for item in self._pending) * len(self._pending)
-        return self.target.limits(queued, self._slots)
+        return self.target.limits(queued_tokens, self._slots)
 
     def _take_batch(self, limits: BatchLimits) -> list[_Item]:
         """The next batch, removed from the queue: see the module docstring."""
@@ -339,15 +342,14 @@ class Batcher:
         self._pending = [item for i, item in enumerate(pending) if i not in taken]
         return [pending[i] for i in sorted(chosen)]
 
-    def _wait_left_ms(self, limits: BatchLimits) -> float:
+    def _wait_left_ms(self, limits: BatchLimits, queued_tokens: int) -> float:
         """Called only while an engine thread is free (see `_run`): how much longer the
         queue waits before it runs as a batch (0: now)."""
         if not self._pending:
             return math.inf
         if self._stopping or len(self._pending) >= limits.max_batch_size:
             return 0.0
-        tokens = max(item.length for item in self._pending) * len(self._pending)
-        if tokens >= limits.max_batch_tokens:
+        if queued_tokens >= limits.max_batch_tokens:
             return 0.0
         waited_ms = (time.perf_counter() - self._pending[0].enqueued) * 1000
         if self._still_tokenizing():  # texts already received: wait for them a while
@@ -375,8 +377,9 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            limits = self._limits()
-            wait_ms = self._wait_left_ms(limits)
+            queued_tokens = self._queued_tokens()
+            limits = self._limits(queued_tokens)
+            wait_ms = self._wait_left_ms(limits, queued_tokens)
             if wait_ms > 0:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
