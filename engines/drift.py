@@ -3,7 +3,7 @@
 A `Distribution` is the share of each label and the share of each confidence bucket (the top
 score) over some predictions. An engine's build records one on the evaluation split of the
 data its model was trained on (`Manifest.baseline`); a worker keeps one over its latest live
-predictions (`streams.drift`); the population-stability index (`psi`) says how far apart they
+predictions (`streams.ops.drift`); the population-stability index (`psi`) says how far apart they
 are. Rules of thumb: below 0.1 the same population, 0.1 to 0.25 a moderate shift, above 0.25
 a different population.
 

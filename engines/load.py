@@ -43,8 +43,8 @@ def open_engine(
                 providers=providers,
             )
         elif manifest.backend == "torch":
-            from engines.build.model import load_serving_model
-            from engines.build.torch_backend import TorchBackend
+            from engines.builder.model import load_serving_model
+            from engines.builder.torch_backend import TorchBackend
 
             backend = TorchBackend(
                 load_serving_model(folder),

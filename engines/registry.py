@@ -183,7 +183,7 @@ class RolloutRecord:
 
     mode: str  # SHADOW | CANARY
     candidate: str
-    share: float  # of keys (by key hash, streams.rollout.bucket)
+    share: float  # of keys (by key hash, streams.rollout.canary.bucket)
     active: str
     rule: RolloutRule = field(default_factory=RolloutRule)
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat())

@@ -5,7 +5,7 @@ index agent:  inflow.predictions (raw bytes) -> IndexBuffer -> IndexStage (bulk)
 Both iterate with manual acks (`noack`) and concurrency 1; the stages never let one record
 raise out of an agent. Records are answered out of order, and Faust's commit rule commits
 past an unanswered record when acked out of order (faust #606): every answer goes through the
-offset ledger (`streams.ledger`), which acks Faust in offset order only, so a commit never
+offset ledger (`streams.delivery.ledger`), which acks Faust in offset order only, so a commit never
 passes a record that has no prediction or dead letter yet.
 
 Stopping (and rebalancing) does not wait on Faust's `stream_wait_empty`, which waits for every
@@ -33,24 +33,24 @@ from engines.registry import Registry
 from engines.types import Engine
 from indexer import BulkWriter, EsSettings, ModelIndices, Searcher, ensure_index, index_problem
 from indexer.client import describe_es_error
-from streams.batcher import Batcher, BatchPolicy
+from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.config import Settings
-from streams.drift import DriftWatch
-from streams.eos import TransactionalInfer, eos_group
-from streams.flow import InFlightBudget, record_cost
-from streams.follower import EngineFollower
-from streams.health import WorkerHealth
-from streams.index import IndexBuffer, IndexStage
-from streams.infer import Headers, InferStage, InferTopics, InputRecord
+from streams.ops.drift import DriftWatch
+from streams.delivery.eos import TransactionalInfer, eos_group
+from streams.delivery.flow import InFlightBudget, record_cost
+from streams.rollout.follower import EngineFollower
+from streams.ops.health import WorkerHealth
+from streams.delivery.index import IndexBuffer, IndexStage
+from streams.delivery.infer import Headers, InferStage, InferTopics, InputRecord
 from streams.kafka import InflowApp, client_options, faust_credentials
-from streams.lag import ConsumerLag, DrainRate, LagSample, LagUnavailable, merge_samples
-from streams.latency import LatencyTarget
-from streams.ledger import OffsetLedger
-from streams.logs import install_repeat_filter
-from streams.metrics import Metrics
-from streams.records import MAX_REQUEST_SIZE, RecordLimits
-from streams.retry import RetryPolicy
-from streams.rollout import Rollout
+from streams.ops.lag import ConsumerLag, DrainRate, LagSample, LagUnavailable, merge_samples
+from streams.delivery.latency import LatencyTarget
+from streams.delivery.ledger import OffsetLedger
+from streams.ops.logs import install_repeat_filter
+from streams.ops.metrics import Metrics
+from streams.delivery.records import MAX_REQUEST_SIZE, RecordLimits
+from streams.delivery.retry import RetryPolicy
+from streams.rollout.canary import Rollout
 from streams.topics import max_message_bytes, topic_names
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         # Per-partition prefetch; with the in-flight ceiling, what bounds the worker's memory.
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
-        # exactly_once is ours (streams.eos), not Faust's: Faust's agents stay at least once
+        # exactly_once is ours (streams.delivery.eos), not Faust's: Faust's agents stay at least once
         # (the index agent's writes are idempotent by id).
         processing_guarantee="at_least_once",
         producer_acks=-1,
@@ -155,7 +155,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         target = LatencyTarget(settings.latency_target_ms, bounds)
         metrics.watch_latency_target(target)
     batcher = Batcher(None, bounds, on_batch=metrics.observe_batch, target=target)
-    # A candidate engine beside the active one: shadow or canary (streams.rollout).
+    # A candidate engine beside the active one: shadow or canary (streams.rollout.canary).
     rollout = Rollout(
         batcher,
         registry,
@@ -276,7 +276,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
             await lag.start()
         await read_limits()
         # The engine first: the index takes the width of the version this worker serves (a
-        # failed active version is skipped by the follower, streams.follower).
+        # failed active version is skipped by the follower, streams.rollout.follower).
         await engine_loaded.wait()
         identity = batcher.identity
         dims = identity.embedding_dim if identity is not None else None
@@ -368,7 +368,7 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
             await rollout.sync()
 
     # Follows the active pointer; a version that fails to load, warm up or run is contained
-    # there (kept serving the previous one, marked failed in the registry: streams.follower).
+    # there (kept serving the previous one, marked failed in the registry: streams.rollout.follower).
     follower = EngineFollower(
         registry,
         swap=batcher.swap_engine,
@@ -384,11 +384,11 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     @app.timer(interval=settings.engine_poll_s)
     async def follow_registry() -> None:
         """Load the first engine when one exists, then follow the registry's active pointer
-        (unless a version is pinned); a version that fails is contained (streams.follower)."""
+        (unless a version is pinned); a version that fails is contained (streams.rollout.follower)."""
         if await follower.sync() is not None:
             engine_loaded.set()
 
-    from streams.web import register_views
+    from streams.ops.web import register_views
 
     register_views(app, app_state)
     return app

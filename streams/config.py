@@ -83,11 +83,11 @@ class Settings:
     max_wait_ms: int = 10
     # A p99 target (ms) for "record taken -> prediction acknowledged": 0 keeps the three knobs
     # above fixed; > 0 makes them bounds, inside which each batch's size and wait are chosen
-    # from the measured batch times, queue and p99 (streams.latency).
+    # from the measured batch times, queue and p99 (streams.delivery.latency).
     latency_target_ms: float = 0.0
     # Events decoded but not yet answered: bounds memory and gives backpressure.
     max_in_flight: int = 256
-    # The in-flight ceiling in bytes, for both agents (streams.flow): records taken and not
+    # The in-flight ceiling in bytes, for both agents (streams.delivery.flow): records taken and not
     # acked. Reached, consumption pauses (an index outage costs lag, not memory).
     max_in_flight_bytes: int = 32 * 1024 * 1024
     # Faust's per-partition prefetch buffer (records): with the ceiling, the worker's bound.
@@ -102,7 +102,7 @@ class Settings:
     heartbeat_interval_s: float = 1.0
     rebalance_timeout_s: float = 20.0
     # A permanent error of the system (credentials, permissions) parks delivery, not ready;
-    # it is checked again this often (streams.retry).
+    # it is checked again this often (streams.delivery.retry).
     permanent_recheck_s: float = 60.0
     # On SIGTERM: how long the worker waits for the records it took to be answered. What is
     # still unanswered then is not committed (the next owner takes it again), so a parked
@@ -139,7 +139,7 @@ class Settings:
     # /health/live fails when a partition has lag but its committed offset stood still this long
     stall_after_s: float = 120.0
     log_level: str = "info"
-    # Drift watch (streams.drift): the latest this-many predictions per engine version are
+    # Drift watch (streams.ops.drift): the latest this-many predictions per engine version are
     # compared with its evaluation split; the index is shown from drift_min_samples on.
     drift_window: int = 1000
     drift_min_samples: int = 100
@@ -226,7 +226,7 @@ class Settings:
             raise ConfigError("INFLOW_WEB_PORT must be a TCP port (0-65535)")
         if not -1 <= self.search_port <= 65535:
             raise ConfigError("INFLOW_SEARCH_PORT must be a TCP port (0-65535), or -1 for none")
-        from streams.auth import ApiKeys  # here: streams.auth imports this module
+        from streams.ops.auth import ApiKeys  # here: streams.ops.auth imports this module
 
         ApiKeys.parse(self.web_api_keys)  # raises ConfigError naming the variable
         if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):

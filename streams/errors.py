@@ -9,6 +9,10 @@ class InflowError(Exception):
     retriable: bool = False
 
 
+class ConfigError(InflowError):
+    """Bad configuration or a bad argument: the message names the setting and what to do."""
+
+
 class KafkaUnavailable(InflowError):
     retriable = True
 

@@ -187,7 +187,7 @@ class _ReadCommittedConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Faust reads read_committed only under its own exactly_once, which Inflow does not use
-        # (streams.eos); aiokafka takes the level from this attribute when the consumer starts.
+        # (streams.delivery.eos); aiokafka takes the level from this attribute when the consumer starts.
         consumer._isolation_level = "read_committed"
         return consumer
 

@@ -78,7 +78,7 @@ def kafka_unavailable(settings: Settings, exc: BaseException) -> KafkaUnavailabl
 
 async def max_message_bytes(settings: Settings, topics: list[str]) -> dict[str, int]:
     """Each topic's `max.message.bytes` as the broker has it (its own or the broker default):
-    the largest record batch it takes (`streams.records.RecordLimits`)."""
+    the largest record batch it takes (`streams.delivery.records.RecordLimits`)."""
     admin: AIOKafkaAdminClient = admin_client(settings)
     await admin.start()
     try:

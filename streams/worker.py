@@ -19,7 +19,7 @@ from types import FrameType
 
 from streams.config import Settings
 from streams.errors import KafkaUnavailable
-from streams.health import HealthReport
+from streams.ops.health import HealthReport
 from streams.topics import ensure_topics_sync
 
 log = logging.getLogger("inflow.worker")

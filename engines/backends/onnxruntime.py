@@ -28,7 +28,7 @@ ENV_INTER_THREADS = "INFLOW_ORT_INTER_THREADS"  # threads between nodes in paral
 OPTIMIZATION_LEVELS = ("all", "extended", "basic", "disabled")
 # Session graph fusions that slow the CPU down: SkipLayerNormFusion would fuse each residual
 # Add + LayerNormalization into onnxruntime's SkipLayerNormalization, whose CPU kernel took
-# 5-6x as long at every shape measured (engines.build.export.fuse_for_onnxruntime).
+# 5-6x as long at every shape measured (engines.builder.export.fuse_for_onnxruntime).
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 EXECUTION_MODES = ("sequential", "parallel")
 

@@ -1,4 +1,4 @@
-"""The TensorRT backend: a serialized plan (built by `engines.build.tensorrt`) run with the
+"""The TensorRT backend: a serialized plan (built by `engines.builder.tensorrt`) run with the
 TensorRT 10/11 tensor-name API, device memory and the CUDA stream taken from torch.
 
 Only `TensorRTBackend.load` needs `tensorrt`, torch and a GPU, and imports them in the call,

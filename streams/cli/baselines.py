@@ -28,8 +28,8 @@ def build_app(
     import torch
     from transformers import PreTrainedTokenizerFast
 
-    from engines.build.model import load_serving_model
-    from engines.build.pipeline import resolve_model
+    from engines.builder.model import load_serving_model
+    from engines.builder.pipeline import resolve_model
     from engines.modeldir import TOKENIZER_FILE
 
     info = resolve_model(None, progress=False, echo=lambda _m: None)

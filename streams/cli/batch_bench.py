@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engines.types import Engine
-from streams.batcher import Batcher, BatchPolicy
+from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.config import Settings
 
 
@@ -79,7 +79,7 @@ def run_batch_bench(
     burst: int,
     json_path: Path | None,
 ) -> int:
-    from engines.build.data import sample_texts
+    from engines.builder.data import sample_texts
     from engines.load import load_engine
 
     engine = load_engine(settings.engine_dir, settings.engine_version or None)

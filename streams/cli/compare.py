@@ -19,7 +19,7 @@ from engines.registry import Registry, RolloutRecord
 from indexer import Searcher
 from streams.app import es_settings
 from streams.config import ConfigError, Settings
-from streams.rollout import LiveComparison
+from streams.rollout.canary import LiveComparison
 
 SHIFTED_PSI = 0.25  # the alert's threshold (deploy/prometheus/alerts.yml)
 MODERATE_PSI = 0.1

@@ -159,7 +159,7 @@ def engine_texts_per_second(settings: Settings, texts: list[str]) -> tuple[float
 
 
 def run_demo(settings: Settings, n: int = 2000) -> int:
-    from engines.build.data import sample_texts
+    from engines.builder.data import sample_texts
 
     _say("== engine")
     _inflow("engine", "ensure")

@@ -1,6 +1,6 @@
 """`inflow dlq list|show|replay`: look at dead letters and put them back after a fix.
 
-Dead letters are written by the worker's stages (`streams.infer`, `streams.index`) with the
+Dead letters are written by the worker's stages (`streams.delivery.infer`, `streams.delivery.index`) with the
 headers of `schemas/json/dead_letter_headers.v1.json`; this module only reads them.
 
 Replay puts a dead letter back on the topic it was read from (`inflow.source.topic`: the input

@@ -41,7 +41,7 @@ def _guard(fn: Handler) -> Handler:
 
 
 def _thresholds(args: argparse.Namespace) -> object:
-    from engines.build.parity import Thresholds
+    from engines.builder.parity import Thresholds
 
     return Thresholds(
         min_agreement=args.min_agreement,
@@ -53,8 +53,8 @@ def _thresholds(args: argparse.Namespace) -> object:
 
 @_guard
 def cmd_build(args: argparse.Namespace) -> int:
-    from engines.build.parity import Thresholds
-    from engines.build.pipeline import build
+    from engines.builder.parity import Thresholds
+    from engines.builder.pipeline import build
 
     th = _thresholds(args)
     assert isinstance(th, Thresholds)
@@ -280,7 +280,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engines.build.bench import run_bench
+    from engines.builder.bench import run_bench
 
     run_bench(
         specs=args.backends,
@@ -298,8 +298,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_ensure(args: argparse.Namespace) -> int:
-    from engines.build.parity import Thresholds
-    from engines.build.pipeline import ensure
+    from engines.builder.parity import Thresholds
+    from engines.builder.pipeline import ensure
 
     th = _thresholds(args)
     assert isinstance(th, Thresholds)
@@ -324,7 +324,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from engines.build.pipeline import record_baseline
+    from engines.builder.pipeline import record_baseline
 
     record_baseline(args.version, _registry_root(args), parity_texts=args.texts)
     return 0
@@ -343,7 +343,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 @_guard
 def cmd_train(args: argparse.Namespace) -> int:
-    from engines.build.train import train
+    from engines.builder.train import train
 
     path = train(
         dataset=args.dataset,

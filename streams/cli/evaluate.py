@@ -30,7 +30,7 @@ from schemas import TextEvent
 from streams.app import es_settings
 from streams.cli.reindex import embed_documents
 from streams.config import ConfigError, Settings
-from streams.records import InputRecord
+from streams.delivery.records import InputRecord
 
 MODES = ("bm25", "knn", "hybrid", "hybrid-rrf")  # hybrid: linear fusion, the default
 DEPTH = 100  # ranks kept per query: recall@100 needs them all

@@ -244,7 +244,7 @@ def run_latency_study(
     echo: Callable[[str], None] = print,
 ) -> list[PolicyRun]:
     """Every policy in every placement, `runs` times (the services must be up)."""
-    from engines.build.data import sample_texts
+    from engines.builder.data import sample_texts
 
     if target != "auto":
         try:

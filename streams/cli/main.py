@@ -98,7 +98,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_web_key(args: argparse.Namespace) -> int:
-    from streams.auth import new_key
+    from streams.ops.auth import new_key
 
     key, entry = new_key(args.key_id)
     print(f"key (give it to the client; it is not stored anywhere): {key}")

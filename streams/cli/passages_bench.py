@@ -68,7 +68,7 @@ def _labelled_long_texts(engine: Engine, labels: list[str], n: int) -> tuple[str
         items = [(d.indexed_text, d.id.split("-")[0]) for d in docs]
         data = "BBC articles (bbc-topics corpus)"
     elif {"negative", "positive"} <= set(labels):
-        from engines.build.data import review_examples
+        from engines.builder.data import review_examples
 
         items, data = review_examples(4000), "IMDB reviews"
     else:

@@ -46,7 +46,7 @@ import msgspec
 
 from engines.runtime import run_batches
 from engines.types import BatchResult, Engine, ModelIdentity, TokenizedText
-from streams.batcher import Batcher, BatchPolicy
+from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.config import Settings
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -610,7 +610,7 @@ def measure_all(
     baselines: Sequence[str],
     echo: Callable[[str], None],
 ) -> Report:
-    from engines.build.data import sample_texts
+    from engines.builder.data import sample_texts
     from engines.load import load_engine
 
     pids = service_pids(settings)

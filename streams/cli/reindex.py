@@ -51,11 +51,11 @@ from indexer import (
 from indexer.evaluation import load_beir
 from schemas import DecodeError, TextEvent, decode_event, parse_rfc3339_ms
 from streams.app import es_settings
-from streams.batcher import ItemResult
+from streams.delivery.batcher import ItemResult
 from streams.cli.records import topic_partitions
 from streams.config import ConfigError, Settings
 from streams.errors import CutoverRefused
-from streams.infer import InputRecord, build_prediction
+from streams.delivery.infer import InputRecord, build_prediction
 from streams.kafka import client_options
 
 if TYPE_CHECKING:

@@ -68,7 +68,7 @@ def predict(base: ScaleRun, workers: int, cores_per_worker: int, machine_cores: 
 
 
 def texts_of(kind: str, n: int) -> list[str]:
-    from engines.build.data import review_examples, sample_texts
+    from engines.builder.data import review_examples, sample_texts
 
     if kind == "tweets":
         return sample_texts(n, seed=1)

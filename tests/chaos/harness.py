@@ -28,7 +28,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from elasticsearch import AsyncElasticsearch, NotFoundError
 from elasticsearch.helpers import async_scan
 
-from engines.build.data import sample_texts
+from engines.builder.data import sample_texts
 from schemas import (
     HEADER_ERROR_CODE,
     HEADER_SOURCE_OFFSET,

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas import decode_prediction, encode_event, parse_dead_letter_headers
-from streams.records import DEFAULT_MAX_MESSAGE_BYTES
+from streams.delivery.records import DEFAULT_MAX_MESSAGE_BYTES
 from tests.chaos.harness import alter_topic, read_all
 from tests.e2e.conftest import Names, Worker, WorkerFactory
 

@@ -131,7 +131,7 @@ async def test_a_version_that_fails_its_warm_up_is_contained_and_skipped_after_a
     assert worker.proc.poll() is None, "the worker is still running"
     [error] = _lines(worker, "ERROR", bad)
     assert f"failed to load, keeping {first}" in error
-    assert len(_lines(worker, "ERROR", "streams.follower")) == 1
+    assert len(_lines(worker, "ERROR", "streams.rollout.follower")) == 1
     assert "Traceback" not in worker.log.read_text(errors="replace")
 
     # A restart must not load it: the pointer still names it, the registry says it failed.

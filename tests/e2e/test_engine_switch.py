@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engines.assets import models_dir
-from engines.build.data import sample_texts
+from engines.builder.data import sample_texts
 from engines.registry import Registry
 from schemas import Prediction, decode_prediction, encode_event
 from tests.e2e.conftest import ROOT, Names, Worker, WorkerFactory, read_topic

@@ -57,7 +57,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from elasticsearch import AsyncElasticsearch
 from elasticsearch.helpers import async_scan
 
-from engines.build.data import sample_texts
+from engines.builder.data import sample_texts
 from schemas import (
     HEADER_ERROR_CODE,
     HEADER_ORIGINAL_SHA256,
@@ -78,7 +78,7 @@ from schemas import (
     parse_dead_letter_headers,
     replay_count,
 )
-from streams.records import DEFAULT_MAX_MESSAGE_BYTES
+from streams.delivery.records import DEFAULT_MAX_MESSAGE_BYTES
 from tests.chaos.harness import RssSampler
 from tests.e2e.conftest import Names, Worker, WorkerFactory
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from engines.build.data import sample_texts
+from engines.builder.data import sample_texts
 from engines.registry import Registry
 from schemas import encode_event
 from streams.dev.services import free_port

@@ -25,10 +25,10 @@ TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
 
 def _model_folder(which: str) -> Path:
     if which == "mpnet":
-        from engines.build.packaged import mpnet_dir
+        from engines.builder.packaged import mpnet_dir
 
         return mpnet_dir()
-    from engines.build.hf_train import train_hf_classifier
+    from engines.builder.hf_train import train_hf_classifier
 
     return train_hf_classifier("topic", echo=None)
 

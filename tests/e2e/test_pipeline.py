@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from elasticsearch import AsyncElasticsearch
 
-from engines.build.data import sample_texts
+from engines.builder.data import sample_texts
 from schemas import Prediction, decode_prediction, encode_event, parse_dead_letter_headers
 from tests.e2e.conftest import ROOT, Names, WorkerFactory, read_topic
 

@@ -29,7 +29,7 @@ import yaml
 
 from schemas import encode_event
 from streams.dev.services import free_port
-from streams.metrics import CONTENT_TYPE_LATEST
+from streams.ops.metrics import CONTENT_TYPE_LATEST
 from tests.e2e.conftest import Names, WorkerFactory
 from tests.e2e.test_pipeline import _produce
 from tests.monitoring import (

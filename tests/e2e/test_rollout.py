@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from engines.build.data import sample_texts
+from engines.builder.data import sample_texts
 from schemas import Prediction, decode_prediction, encode_event
-from streams.rollout import routed
+from streams.rollout.canary import routed
 from tests.e2e.conftest import Names, Worker, WorkerFactory, read_topic
 from tests.e2e.test_engine_switch import _inflow, fp32_candidate
 from tests.e2e.test_pipeline import _indexed_ids, _produce

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engines.build.data import sample_texts
+from engines.builder.data import sample_texts
 from schemas import encode_event
 from tests.e2e.conftest import Names, WorkerFactory
 from tests.e2e.test_pipeline import _indexed_ids, _produce

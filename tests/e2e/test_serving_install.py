@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.build.data import sample_texts
+from engines.builder.data import sample_texts
 from schemas import Prediction, decode_prediction, encode_event
 from tests.e2e.conftest import ROOT, Names, WorkerFactory, read_topic
 from tests.e2e.test_pipeline import _indexed_ids, _produce
@@ -28,7 +28,7 @@ PACKAGES = ("streams", "engines", "indexer", "schemas")
 BUILD_ONLY = {"torch", "transformers", "sklearn", "onnx", "onnxscript", "tqdm", "safetensors"}
 
 # Imports every module of the installed packages (not the checkout): serving modules must
-# import; build modules (engines.build.*) may only fail for want of the `build` extra.
+# import; build modules (engines.builder.*) may only fail for want of the `build` extra.
 IMPORT_ALL = """
 import importlib, json, pkgutil, sys
 failed, build_missing, imported = {}, {}, []
@@ -40,7 +40,7 @@ for top in PACKAGES:
             importlib.import_module(info.name)
             imported.append(info.name)
         except ModuleNotFoundError as exc:
-            target = build_missing if info.name.startswith('engines.build') else failed
+            target = build_missing if info.name.startswith('engines.builder') else failed
             target[info.name] = exc.name
         except Exception as exc:
             failed[info.name] = repr(exc)

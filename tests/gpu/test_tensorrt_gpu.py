@@ -32,7 +32,7 @@ except (ImportError, OSError) as exc:  # OSError: the wheel is there, its librar
     )
 
 from engines.backends.tensorrt import TensorRTBackend, record_path
-from engines.build.tensorrt import build_plan
+from engines.builder.tensorrt import build_plan
 from engines.load import load_engine
 from tests.unit.test_tensorrt import serving_graph
 
@@ -74,7 +74,7 @@ def ort_fp32(onnx_path: Path, ids: Array, mask: Array) -> dict[str, Array]:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model built through the pipeline: FP16 plan, parity gate, registry."""
-    from engines.build.pipeline import build
+    from engines.builder.pipeline import build
 
     root = tmp_path_factory.mktemp("registry")
     manifest = build(
@@ -101,8 +101,8 @@ def test_the_pipeline_builds_a_plan_the_gate_accepts_and_serving_loads_it(
 
 
 def test_fp16_plan_matches_onnxruntime_fp32_and_batched_equals_single(registry: Path) -> None:
-    from engines.build.export import export_model
-    from engines.build.pipeline import resolve_model
+    from engines.builder.export import export_model
+    from engines.builder.pipeline import resolve_model
 
     onnx_path = export_model(resolve_model(progress=False, echo=lambda _m: None), "fp32")
     plan = next(registry.rglob("model.plan"))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from streams.lag import ConsumerLag, LagUnavailable
+from streams.ops.lag import ConsumerLag, LagUnavailable
 from tests.integration.kafka_topics import commit_offsets, create_topic
 
 pytestmark = pytest.mark.integration

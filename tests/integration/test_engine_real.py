@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.build.pipeline import build, resolve_model
+from engines.builder.pipeline import build, resolve_model
 from engines.load import load_engine
 from engines.modeldir import ModelInfo
 from engines.registry import Manifest, Registry

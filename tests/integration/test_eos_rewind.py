@@ -1,4 +1,4 @@
-"""rewind_to_committed (streams.eos) against the real broker: a batch that was not committed is
+"""rewind_to_committed (streams.delivery.eos) against the real broker: a batch that was not committed is
 fetched again from the group's committed offset, and a rebalance during the rewind is no error.
 
 The second case is the one a CI run hit: the exactly-once loop rewound a partition, a
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.eos import rewind_to_committed
+from streams.delivery.eos import rewind_to_committed
 from tests.integration.kafka_topics import create_topic
 
 pytestmark = pytest.mark.integration

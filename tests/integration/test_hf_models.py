@@ -119,7 +119,7 @@ def _models_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("family", "width"), [("bert", 48), ("distilbert", 64), ("mpnet", 32)])
 def test_classifier_folders_build_gate_and_serve(tmp_path: Path, family: str, width: int) -> None:
-    from engines.build.pipeline import build
+    from engines.builder.pipeline import build
     from engines.load import load_engine
 
     folder = make_classifier(tmp_path, family, width)
@@ -166,8 +166,8 @@ def test_classifier_folders_build_gate_and_serve(tmp_path: Path, family: str, wi
 def test_embedder_folders_build_gate_and_serve(
     tmp_path: Path, family: str, width: int, pooling: str, normalize: bool
 ) -> None:
-    from engines.build.model import load_serving_model
-    from engines.build.pipeline import build
+    from engines.builder.model import load_serving_model
+    from engines.builder.pipeline import build
     from engines.load import load_engine
 
     folder = make_embedder(tmp_path, family, width, pooling, normalize)

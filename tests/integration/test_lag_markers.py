@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from streams.lag import ConsumerLag
+from streams.ops.lag import ConsumerLag
 from tests.integration.kafka_topics import commit_offsets, create_topic
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from streams.health import WorkerHealth
-from streams.lag import ConsumerLag
+from streams.ops.health import WorkerHealth
+from streams.ops.lag import ConsumerLag
 from tests.integration.kafka_topics import create_topic
 
 pytestmark = pytest.mark.integration

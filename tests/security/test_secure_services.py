@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from indexer import EsSettings, Searcher
-from streams.auth import new_key
+from streams.ops.auth import new_key
 from streams.config import Settings
 from streams.dev.services import free_port
 from streams.kafka import client_options, connection_problem

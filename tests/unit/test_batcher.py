@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from engines.types import BatchResult, TokenizedText
-from streams.batcher import Batcher, BatchPolicy, InferenceFailed, ItemResult
-from streams.metrics import Metrics
+from streams.delivery.batcher import Batcher, BatchPolicy, InferenceFailed, ItemResult
+from streams.ops.metrics import Metrics
 from tests.fakes import FakeEngine
 
 

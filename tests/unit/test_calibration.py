@@ -1,4 +1,4 @@
-"""Class-prior offsets and temperature (engines.build.calibration) on data whose true
+"""Class-prior offsets and temperature (engines.builder.calibration) on data whose true
 calibration is known."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engines.build.calibration import (
+from engines.builder.calibration import (
     Calibration,
     calibrate,
     expected_calibration_error,

@@ -12,12 +12,12 @@ from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
 from indexer import BulkOutcome
 from indexer.errors import IndexRequestError, IndexSetupError, IndexUnavailable
-from streams.flow import InFlightBudget
-from streams.index import IndexStage
-from streams.infer import InputRecord
-from streams.logs import RepeatFilter
-from streams.metrics import Metrics
-from streams.retry import RetryPolicy, is_retriable
+from streams.delivery.flow import InFlightBudget
+from streams.delivery.index import IndexStage
+from streams.delivery.infer import InputRecord
+from streams.ops.logs import RepeatFilter
+from streams.ops.metrics import Metrics
+from streams.delivery.retry import RetryPolicy, is_retriable
 from tests.fakes import FakePublisher
 from tests.unit.test_stages import _predictions
 
@@ -46,7 +46,7 @@ async def test_retriable_errors_are_retried_with_a_count_not_a_flood(
             raise ConnectionError("broker unavailable")
         return "sent"
 
-    with caplog.at_level(logging.WARNING, logger="streams.retry"):
+    with caplog.at_level(logging.WARNING, logger="streams.delivery.retry"):
         assert await FAST.call(flaky, what="publish", condition="publish") == "sent"
     lines = [r.getMessage() for r in caplog.records if "failed (attempt" in r.getMessage()]
     assert calls == 21
@@ -67,7 +67,7 @@ async def test_a_permanent_system_error_parks_once_not_ready_then_resumes(
             raise IndexRequestError("bulk refused: HTTP 401", status=401)
         return "indexed"
 
-    with caplog.at_level(logging.WARNING, logger="streams.retry"):
+    with caplog.at_level(logging.WARNING, logger="streams.delivery.retry"):
         task = asyncio.create_task(policy.call(refused, what="bulk index", condition="index"))
         await asyncio.sleep(0.12)
         assert not task.done(), "parked, not given up and not acked"

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from engines.drift import CONFIDENCE_EDGES, Distribution, confidence_bucket, psi
-from streams.drift import DriftWatch
-from streams.metrics import Metrics
+from streams.ops.drift import DriftWatch
+from streams.ops.metrics import Metrics
 
 LABELS = ["negative", "neutral", "positive"]
 BASELINE = Distribution.of_scores(

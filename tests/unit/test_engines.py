@@ -23,10 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engines.assets import encoder_dir
-from engines.build.bench import BenchRow, batches_for, format_table
-from engines.build.data import load_file, stratified_sample, stratified_split
-from engines.build.metrics import evaluate
-from engines.build.parity import Thresholds, compare, cosine_rows
+from engines.builder.bench import BenchRow, batches_for, format_table
+from engines.builder.data import load_file, stratified_sample, stratified_split
+from engines.builder.metrics import evaluate
+from engines.builder.parity import Thresholds, compare, cosine_rows
 from engines.errors import (
     ActivationRefused,
     DataError,
@@ -68,7 +68,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
     )
     from transformers import BertConfig, BertModel
 
-    from engines.build.model import ServingModel
+    from engines.builder.model import ServingModel
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models") / "tiny-sentiment-0"
@@ -103,7 +103,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> ModelInfo:
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_model: ModelInfo) -> Path:
-    from engines.build.export import export_model
+    from engines.builder.export import export_model
 
     return export_model(tiny_model, "fp32", progress=False)
 
@@ -211,7 +211,7 @@ def test_export_has_dynamic_batch_and_sequence_axes(tiny_onnx: Path) -> None:
 
 
 def test_export_is_cached_by_model_hash(tiny_model: ModelInfo, tiny_onnx: Path) -> None:
-    from engines.build.export import export_model
+    from engines.builder.export import export_model
 
     before = tiny_onnx.stat().st_mtime_ns
     assert export_model(tiny_model, "fp32", progress=False) == tiny_onnx
@@ -320,7 +320,7 @@ def test_concurrent_batches_answer_like_one_at_a_time(
 
 
 def test_bench_spec_options() -> None:
-    from engines.build.bench import split_spec
+    from engines.builder.bench import split_spec
     from engines.errors import BuildError
 
     assert split_spec("onnxruntime:int8") == ("onnxruntime:int8", {}, 0)
@@ -393,7 +393,7 @@ def test_truncated_flags_from_engine(
 
 
 def test_int8_quantization_runs(tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path) -> None:
-    from engines.build.export import export_model
+    from engines.builder.export import export_model
 
     path = export_model(tiny_model, "int8", progress=False)
     folder = tmp_path / "int8"
@@ -421,7 +421,7 @@ def test_outlier_split_is_exact_in_fp32_and_tightens_int8(tmp_path: Path) -> Non
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from engines.build.export import down_projections, split_outlier_channels
+    from engines.builder.export import down_projections, split_outlier_channels
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 10, 128)).astype(np.float32)
@@ -475,7 +475,7 @@ def test_cpu_graphs_keep_residual_adds_out_of_skip_layer_norm(
     import onnx
 
     from engines.backends.onnxruntime import OnnxRuntimeBackend, SessionSettings
-    from engines.build.export import export_model
+    from engines.builder.export import export_model
 
     fused = export_model(tiny_model, "fp32", progress=False, fused=True)
     ops = [n.op_type for n in onnx.load(str(fused)).graph.node]
@@ -550,7 +550,7 @@ def test_load_engine_without_active_engine(tmp_path: Path) -> None:
 def test_build_gate_registry_and_load(
     tiny_model: ModelInfo, tiny_onnx: Path, tmp_path: Path
 ) -> None:
-    from engines.build.pipeline import build
+    from engines.builder.pipeline import build
 
     root = tmp_path / "reg"
     loose = Thresholds(min_agreement=0.9, min_cosine=0.99, max_accuracy_drop=0.05)
@@ -601,7 +601,7 @@ def test_onnxruntime_engine_loads_without_torch(
         "import sys; from engines.load import load_engine; "
         f"e = load_engine({str(reg.root)!r}); e.predict(['hello']); "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'sklearn') "
-        "or m.startswith('engines.build')]; print(bad); sys.exit(1 if bad else 0)"
+        "or m.startswith('engines.builder')]; print(bad); sys.exit(1 if bad else 0)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -732,7 +732,7 @@ def test_a_prediction_outside_the_gold_labels_is_a_miss() -> None:
 
 
 def test_review_examples_are_labelled_imdb_reviews_outside_every_training_domain() -> None:
-    from engines.build.data import load_sentiment, review_examples, review_sentences
+    from engines.builder.data import load_sentiment, review_examples, review_sentences
 
     reviews = review_examples(200)
     assert len(reviews) == 200 and {label for _, label in reviews} == {"negative", "positive"}
@@ -867,7 +867,7 @@ def test_registry_failed_marks_last_good_and_activation_anew(
 def test_build_rejects_bad_combinations_fast(tmp_path: Path) -> None:
     import importlib.util
 
-    from engines.build.pipeline import build
+    from engines.builder.pipeline import build
     from engines.errors import BackendUnavailable, BuildError
 
     with pytest.raises(BuildError, match="fp32 or int8"):

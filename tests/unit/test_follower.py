@@ -1,4 +1,4 @@
-"""The engine follower (streams.follower): a bad version is contained, marked, skipped.
+"""The engine follower (streams.rollout.follower): a bad version is contained, marked, skipped.
 
 A real registry in a temporary folder and a real Batcher; the engines are FakeEngines and the
 loader a function that raises what a broken version raises.
@@ -16,10 +16,10 @@ import pytest
 from engines.errors import EngineLoadError
 from engines.registry import ACCEPTED, Manifest, Registry
 from engines.types import Engine
-from streams.batcher import Batcher, BatchPolicy
-from streams.follower import EngineFollower
-from streams.health import WorkerHealth
-from streams.metrics import Metrics
+from streams.delivery.batcher import Batcher, BatchPolicy
+from streams.rollout.follower import EngineFollower
+from streams.ops.health import WorkerHealth
+from streams.ops.metrics import Metrics
 from tests.fakes import LABELS, FakeEngine
 
 
@@ -127,7 +127,7 @@ async def test_a_version_that_fails_keeps_the_previous_one_serving(
     assert (await follower.sync()) is not None and world.serving() == world.v1
     world.loader.broken[world.v2] = error
     world.registry.activate(world.v2)
-    caplog.set_level(logging.DEBUG, logger="streams.follower")
+    caplog.set_level(logging.DEBUG, logger="streams.rollout.follower")
     caplog.clear()
     for _ in range(3):  # later polls neither retry it nor say it again
         identity = await follower.sync()
@@ -152,7 +152,7 @@ async def test_a_restarted_worker_serves_the_newest_good_version_of_the_history(
 ) -> None:
     world.registry.activate(world.v2)
     world.registry.mark_failed(world.v2, "ValueError: width 384, manifest 256", worker="w0")
-    caplog.set_level(logging.INFO, logger="streams.follower")
+    caplog.set_level(logging.INFO, logger="streams.rollout.follower")
     follower = world.make()  # a new process: nothing remembered but the registry
     for _ in range(3):
         identity = await follower.sync()
@@ -170,7 +170,7 @@ async def test_a_fresh_worker_whose_first_version_fails_is_not_ready_then_falls_
 ) -> None:
     world.registry.activate(world.v2)  # history: v1, v2; nobody tried v2 yet
     world.loader.broken[world.v2] = ValueError("3 scores per text, the manifest lists 2 labels")
-    caplog.set_level(logging.INFO, logger="streams.follower")
+    caplog.set_level(logging.INFO, logger="streams.rollout.follower")
     follower = world.make()
     assert await follower.sync() is None
     assert world.engine_check().startswith(f"engine {world.v2} failed to load: ValueError: 3")
@@ -198,7 +198,7 @@ async def test_without_a_good_version_in_the_history_the_worker_is_not_ready(
         swaps=world.metrics.engine_swaps,
         failures=world.metrics.engine_swap_failures,
     )
-    caplog.set_level(logging.INFO, logger="streams.follower")
+    caplog.set_level(logging.INFO, logger="streams.rollout.follower")
     assert await follower.sync() is None and await follower.sync() is None
     assert world.loader.calls == []
     problem = world.engine_check()
@@ -244,7 +244,7 @@ async def test_a_registry_that_refuses_the_mark_still_contains_the_failure(
     monkeypatch.setattr(world.registry, "mark_failed", read_only)
     world.loader.broken[world.v2] = ValueError("bad width")
     world.registry.activate(world.v2)
-    caplog.set_level(logging.INFO, logger="streams.follower")
+    caplog.set_level(logging.INFO, logger="streams.rollout.follower")
     for _ in range(3):
         await follower.sync()
     assert world.serving() == world.v1 and world.loader.calls == [world.v1, world.v2]
@@ -262,7 +262,7 @@ async def test_an_unreadable_registry_is_reported_once_and_changes_nothing(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(world.registry, "active_version", broken)
-    caplog.set_level(logging.INFO, logger="streams.follower")
+    caplog.set_level(logging.INFO, logger="streams.rollout.follower")
     for _ in range(3):
         identity = await follower.sync()
         assert identity is not None and identity.version == world.v1

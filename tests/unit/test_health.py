@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from streams.health import WorkerHealth
-from streams.lag import LagSample, LagTracker
+from streams.ops.health import WorkerHealth
+from streams.ops.lag import LagSample, LagTracker
 
 TP = ("inflow.texts", 0)
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.lag import ConsumerLag, LagTracker, merge_samples
+from streams.ops.lag import ConsumerLag, LagTracker, merge_samples
 
 T0, T1 = ("texts", 0), ("texts", 1)
 

@@ -1,4 +1,4 @@
-"""The latency target (streams.latency): its batch-time model, its choices, and a simulated
+"""The latency target (streams.delivery.latency): its batch-time model, its choices, and a simulated
 queue that it must keep on target where fixed knobs do not."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.batcher import BatchCost, Batcher, BatchLimits, BatchPolicy
-from streams.latency import BatchTimeModel, LatencyTarget
-from streams.metrics import Metrics
+from streams.delivery.batcher import BatchCost, Batcher, BatchLimits, BatchPolicy
+from streams.delivery.latency import BatchTimeModel, LatencyTarget
+from streams.ops.metrics import Metrics
 from tests.fakes import FakeEngine
 
 

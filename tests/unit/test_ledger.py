@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 from intervaltree import IntervalTree
 
-from streams.ledger import OffsetLedger
+from streams.delivery.ledger import OffsetLedger
 
 TP = ("texts", 0), ("texts", 1)
 _LOOP = asyncio.new_event_loop()  # for Faust's one async method here (`_add_gap`)

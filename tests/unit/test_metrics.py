@@ -8,8 +8,8 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines.types import ModelIdentity
-from streams.lag import DrainRate, LagSample, LagTracker
-from streams.metrics import Metrics
+from streams.ops.lag import DrainRate, LagSample, LagTracker
+from streams.ops.metrics import Metrics
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engines.drift import Distribution
 from engines.types import ModelIdentity
-from streams.drift import DriftWatch
-from streams.lag import LagTracker
-from streams.metrics import Metrics
+from streams.ops.drift import DriftWatch
+from streams.ops.lag import LagTracker
+from streams.ops.metrics import Metrics
 from tests.monitoring import (
     ALERTS,
     ALERTS_TEST,

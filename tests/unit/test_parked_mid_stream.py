@@ -18,12 +18,12 @@ from typing import Any
 from aiokafka.errors import UnknownError
 
 from schemas import Prediction, decode_prediction, encode_event, parse_dead_letter_headers
-from streams.batcher import Batcher, BatchPolicy
-from streams.infer import InferStage, InferTopics
-from streams.ledger import OffsetLedger
-from streams.metrics import Metrics
-from streams.records import InputRecord
-from streams.retry import RetryPolicy
+from streams.delivery.batcher import Batcher, BatchPolicy
+from streams.delivery.infer import InferStage, InferTopics
+from streams.delivery.ledger import OffsetLedger
+from streams.ops.metrics import Metrics
+from streams.delivery.records import InputRecord
+from streams.delivery.retry import RetryPolicy
 from tests.fakes import FakeEngine, FakePublisher
 from tests.unit.test_ledger import FaustCommitState, Message
 

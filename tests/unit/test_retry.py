@@ -37,7 +37,7 @@ from aiokafka.errors import (
     for_code,
 )
 
-from streams.retry import RetryPolicy, is_record_too_large, is_retriable
+from streams.delivery.retry import RetryPolicy, is_record_too_large, is_retriable
 
 TRANSIENT = [
     KafkaTimeoutError(),  # aiokafka flags it permanent: the case this module overrides

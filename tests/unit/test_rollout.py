@@ -1,4 +1,4 @@
-"""Shadow and canary (streams.rollout, the registry's rollout record), without services."""
+"""Shadow and canary (streams.rollout.canary, the registry's rollout record), without services."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from engines.registry import (
     RolloutRule,
 )
 from engines.types import BatchResult, TokenizedText
-from streams.batcher import Batcher, BatchPolicy
+from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.cli.compare import live_comparison
 from streams.cli.main import build_parser
-from streams.metrics import Metrics
-from streams.rollout import (
+from streams.ops.metrics import Metrics
+from streams.rollout.canary import (
     CandidateFailed,
     LiveComparison,
     Rollout,
@@ -367,7 +367,7 @@ async def test_a_candidate_that_fails_to_load_ends_its_rollout_and_is_marked_fai
     workers = [
         Rollout(active, reg, metrics, policy=policy, load=broken, worker=f"w{i}") for i in (1, 2)
     ]
-    caplog.set_level(logging.INFO, logger="streams.rollout")
+    caplog.set_level(logging.INFO, logger="streams.rollout.canary")
     for _ in range(3):
         await workers[0].sync()
     assert workers[0].record is None and broken.calls == 1, "tried once, never again"

@@ -18,10 +18,10 @@ from aiokafka.errors import (
 from multidict import CIMultiDict
 
 from indexer.search import build_filters, build_knn_query, build_text_query
-from streams.auth import ApiKeys, is_loopback, new_key, presented_key
+from streams.ops.auth import ApiKeys, is_loopback, new_key, presented_key
 from streams.config import ConfigError, Settings
 from streams.kafka import client_options, describe_connection_error, faust_credentials
-from streams.web import (
+from streams.ops.web import (
     MAX_K,
     MAX_QUERY_CHARS,
     BadRequest,

@@ -13,11 +13,11 @@ import pytest
 from multidict import CIMultiDict
 
 from indexer import SearchResult
-from streams.auth import ApiKeys, new_key
-from streams.batcher import NoEngine
+from streams.ops.auth import ApiKeys, new_key
+from streams.delivery.batcher import NoEngine
 from streams.config import Settings
-from streams.metrics import Metrics
-from streams.web import SearchAccess, SearchServer, SearchViews, register_views
+from streams.ops.metrics import Metrics
+from streams.ops.web import SearchAccess, SearchServer, SearchViews, register_views
 
 LIMIT = 2
 

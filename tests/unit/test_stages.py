@@ -7,10 +7,10 @@ import dataclasses
 import time
 
 from schemas import Prediction, decode_prediction, encode_event, parse_dead_letter_headers
-from streams.batcher import Batcher, BatchPolicy
-from streams.index import IndexBuffer, IndexStage
-from streams.infer import InferStage, InferTopics, InputRecord
-from streams.metrics import Metrics
+from streams.delivery.batcher import Batcher, BatchPolicy
+from streams.delivery.index import IndexBuffer, IndexStage
+from streams.delivery.infer import InferStage, InferTopics, InputRecord
+from streams.ops.metrics import Metrics
 from tests.fakes import FakeEngine, FakePublisher, FakeWriter
 
 TOPICS = InferTopics("preds", "texts.dlq")

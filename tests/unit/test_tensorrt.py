@@ -21,7 +21,7 @@ from engines.backends.tensorrt import (
     check_built_here,
     read_contract,
 )
-from engines.build.tensorrt import build_plan, fp16_graph
+from engines.builder.tensorrt import build_plan, fp16_graph
 from engines.errors import BackendUnavailable, EngineLoadError
 
 VOCAB = 64

@@ -31,10 +31,10 @@ from aiohttp import web as aioweb
 from faust.web import Request, Response, View
 
 from indexer import IndexerError, SearchResult
-from streams.auth import ApiKeys, is_loopback, presented_key
-from streams.batcher import NoEngine
+from streams.ops.auth import ApiKeys, is_loopback, presented_key
+from streams.delivery.batcher import NoEngine
 from streams.config import Settings
-from streams.metrics import CONTENT_TYPE_LATEST
+from streams.ops.metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("inflow.audit")
@@ -360,7 +360,7 @@ class SearchServer:
 
 
 def _rollout_summary(rollout: Any) -> dict[str, Any] | None:
-    """The candidate this worker serves beside the active engine (streams.rollout), if any."""
+    """The candidate this worker serves beside the active engine (streams.rollout.canary), if any."""
     record = None if rollout is None else rollout.record
     if record is None:
         return None

@@ -1,11 +1,11 @@
 """The infer stage: raw input record -> one prediction or one dead letter, then answer.
 
 Independent of Faust: the agent hands each record over as an `InputRecord` whose `ack` is the
-offset ledger's answer (`streams.ledger`), and output goes through the small `Publisher`
+offset ledger's answer (`streams.delivery.ledger`), and output goes through the small `Publisher`
 interface. A record is answered only after its prediction or dead letter was acknowledged by
 the broker. Nothing that belongs to one record stops it from ending somewhere: bad input, an
 engine that fails on the text, a prediction over the predictions topic's size limit (checked
-before sending, `streams.records.RecordLimits`, and on the broker's refusal), and any
+before sending, `streams.delivery.records.RecordLimits`, and on the broker's refusal), and any
 unexpected error while processing it each become a dead letter with their own code.
 """
 
@@ -34,10 +34,10 @@ from schemas import (
     now_rfc3339,
     rfc3339_from_ms,
 )
-from streams.batcher import Batcher, InferenceFailed, ItemResult
-from streams.deadletter import DeadLetterWriter
-from streams.metrics import Metrics
-from streams.records import (
+from streams.delivery.batcher import Batcher, InferenceFailed, ItemResult
+from streams.delivery.deadletter import DeadLetterWriter
+from streams.ops.metrics import Metrics
+from streams.delivery.records import (
     Headers,
     InputRecord,
     Publisher,
@@ -45,8 +45,8 @@ from streams.records import (
     carried_headers,
     record_size,
 )
-from streams.retry import RetryPolicy, is_record_too_large
-from streams.rollout import CandidateFailed, Rollout, route_key
+from streams.delivery.retry import RetryPolicy, is_record_too_large
+from streams.rollout.canary import CandidateFailed, Rollout, route_key
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class InferStage:
         limits: RecordLimits | None = None,
     ) -> None:
         """With `rollout`, texts go through it (a candidate engine may take a share of keys,
-        streams.rollout); without, straight to `batcher`."""
+        streams.rollout.canary); without, straight to `batcher`."""
         self._batcher = batcher
         self._rollout = rollout
         self._retry = retry or RetryPolicy()
@@ -189,7 +189,7 @@ class InferStage:
         )
         self._metrics.queue_ms.observe(result.queue_ms)
         self._metrics.observe_published(event.ts_ms, record.timestamp)
-        # The worker's own latency: what a latency target steers by (streams.latency).
+        # The worker's own latency: what a latency target steers by (streams.delivery.latency).
         answered_s = time.perf_counter() - taken
         self._metrics.taken_to_acked.observe(answered_s)
         self._batcher.observe_latency(answered_s * 1000)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.assets import encoder_dir, models_dir, set_offline
-from engines.build.data import DEFAULT_SEED, load_dataset, stratified_sample, stratified_split
+from engines.builder.data import DEFAULT_SEED, load_dataset, stratified_sample, stratified_split
 from engines.hashing import combined_hash
 from engines.modeldir import TOKENIZER_FILE
 
@@ -61,7 +61,7 @@ def train_hf_classifier(
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from engines.build.metrics import evaluate
+    from engines.builder.metrics import evaluate
     from engines.tokenize import Tokenizer
 
     started = time.perf_counter()

@@ -367,7 +367,7 @@ def quantize_int8(
 
 def calibration_batches(info: ModelInfo, n: int = CALIBRATION_TEXTS) -> list[Encoded]:
     """Training texts of the model's dataset, tokenized as the engine will, in batches of 16."""
-    from engines.build.data import dataset_of, training_texts
+    from engines.builder.data import dataset_of, training_texts
 
     texts = training_texts(n, dataset_of(info.meta.get("train", {}).get("source")))
     tokenizer = Tokenizer(info.tokenizer_path, min(info.max_seq_len, DEFAULT_MAX_SEQ_LEN))
@@ -403,7 +403,7 @@ def export_model(
         return out
     say = print if progress else (lambda *_a: None)
     if variant == "fp32":
-        from engines.build.model import EmbeddingOnly, load_serving_model
+        from engines.builder.model import EmbeddingOnly, load_serving_model
 
         say(f"exporting {info.name} ({info.short_hash}) to ONNX fp32 ...")
         module = load_serving_model(info)

@@ -18,10 +18,10 @@ import msgspec
 from indexer import BulkOutcome
 from indexer.client import describe_es_error
 from schemas import DecodeError, ErrorCode, Stage, decode_prediction
-from streams.deadletter import DeadLetterWriter
-from streams.metrics import Metrics
-from streams.records import InputRecord, Publisher, RecordLimits
-from streams.retry import RetryPolicy
+from streams.delivery.deadletter import DeadLetterWriter
+from streams.ops.metrics import Metrics
+from streams.delivery.records import InputRecord, Publisher, RecordLimits
+from streams.delivery.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ and the alias exists, the agents started, and the consumer group gave this worke
 Live (do not restart me): no assigned partition has lag above zero while its committed offset
 stands still for longer than `stall_after_s` — the known Faust failure where the consumer stops
 fetching while lag grows. Lag counts records still to consume: the transaction markers (and
-aborted records) an exactly-once writer leaves past its last record are not lag (`streams.lag`
+aborted records) an exactly-once writer leaves past its last record are not lag (`streams.ops.lag`
 probes for them), so an idle exactly-once worker stays live; a gap holding one real record, or
 one the probe could not decide, still counts. A stall that readiness already explains (no
 engine yet, Elasticsearch down) is not a liveness failure: restarting the worker would not
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from streams.lag import LagSample
+from streams.ops.lag import LagSample
 
 OK = "ok"
 # Readiness conditions that explain a stalled consumer (see `WorkerHealth.live`).

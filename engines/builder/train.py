@@ -26,13 +26,13 @@ import torch
 from tqdm import tqdm
 
 from engines.assets import ENCODER_NAME, encoder_dir, models_dir, set_offline
-from engines.build.calibration import (
+from engines.builder.calibration import (
     Calibration,
     calibrate,
     expected_calibration_error,
     softmax,
 )
-from engines.build.data import (
+from engines.builder.data import (
     DEFAULT_SEED,
     Dataset,
     Example,
@@ -42,8 +42,8 @@ from engines.build.data import (
     stratified_sample,
     stratified_split,
 )
-from engines.build.metrics import EvalReport, describe, evaluate
-from engines.build.model import ServingModel, load_encoder
+from engines.builder.metrics import EvalReport, describe, evaluate
+from engines.builder.model import ServingModel, load_encoder
 from engines.errors import DataError
 from engines.modeldir import (
     ENCODER_SUBDIR,

@@ -216,15 +216,16 @@ def format_table(rows: Sequence[BenchRow]) -> str:
 
 def open_spec(spec: str, model: Any, max_batch: int, max_seq: int, threads: int | None) -> Engine:
     """An engine for 'backend:precision' built straight from a model folder (no registry)."""
+    from engines.builder.pipeline import manifest_for
     from engines.load import open_engine
     from engines.modeldir import TOKENIZER_FILE
-    from engines.registry import Manifest
+    from engines.registry import ACCEPTED
 
     backend, _, precision = spec.partition(":")
     precision = precision or "fp32"
     info = model
     if backend == "onnxruntime":
-        from engines.build.export import export_model
+        from engines.builder.export import export_model
 
         onnx_path = export_model(info, precision, fused=True)
         folder, artifact = onnx_path.parent, onnx_path.name
@@ -233,20 +234,16 @@ def open_spec(spec: str, model: Any, max_batch: int, max_seq: int, threads: int 
         folder, artifact, tokenizer = info.path, "model.json", TOKENIZER_FILE
     else:
         raise BuildError(f"bench builds only onnxruntime and torch engines directly, not {spec!r}")
-    manifest = Manifest(
+    manifest = manifest_for(
+        info,
         version=spec,
-        model_name=info.name,
-        model_hash=info.hash,
-        labels=info.labels,
         backend=backend,
         precision=precision,
         max_batch=max_batch,
         max_seq=max_seq,
         artifact=artifact,
         tokenizer=tokenizer,
-        files={},
-        status="accepted",
-        created="",
+        status=ACCEPTED,
     )
     return open_engine(folder, manifest, warmup=True, threads=threads)
 
@@ -264,8 +261,8 @@ def run_bench(
     echo: Callable[[str], None] | None = print,
 ) -> list[BenchRow]:
     """Benchmark engines named 'backend:precision' (from the model folder) or registry versions."""
-    from engines.build.data import sample_texts
-    from engines.build.pipeline import resolve_model
+    from engines.builder.data import sample_texts
+    from engines.builder.pipeline import resolve_model
     from engines.load import load_engine
 
     say = echo or (lambda _m: None)

@@ -54,8 +54,8 @@ from engines.registry import (
     RolloutRule,
 )
 from engines.types import Engine
-from streams.batcher import Batcher, BatchPolicy, InferenceFailed, ItemResult
-from streams.metrics import Metrics
+from streams.delivery.batcher import Batcher, BatchPolicy, InferenceFailed, ItemResult
+from streams.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ text is always in the next batch, so no text starves (it waits at most for the t
 before it). Without it, batches are first-in-first-out. Either way a batch never costs more
 than `max_batch_tokens` padded tokens (a single text always fits).
 
-With a latency target (`INFLOW_LATENCY_TARGET_MS`, streams.latency) those three knobs are
+With a latency target (`INFLOW_LATENCY_TARGET_MS`, streams.delivery.latency) those three knobs are
 bounds: each batch's size, token budget and wait are chosen within them from the measured
 batch times, queue and p99.
 
@@ -49,7 +49,7 @@ import numpy.typing as npt
 from engines.types import BatchResult, Engine, ModelIdentity, Passage, TokenizedText
 
 if TYPE_CHECKING:
-    from streams.latency import LatencyTarget
+    from streams.delivery.latency import LatencyTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ class BatchPolicy:
 @dataclass(frozen=True, slots=True)
 class BatchLimits:
     """The limits for the next batch: the policy's own, or chosen within it by a latency
-    target (streams.latency)."""
+    target (streams.delivery.latency)."""
 
     max_batch_size: int
     max_batch_tokens: int
@@ -147,7 +147,7 @@ class Batcher:
     ) -> None:
         """`engine` may be None: a worker started before any engine exists gets one later
         through `swap_engine`, and nothing is submitted until then. With `target`, each
-        batch's limits are chosen within `policy` to hold a p99 (streams.latency)."""
+        batch's limits are chosen within `policy` to hold a p99 (streams.delivery.latency)."""
         if policy.max_batch_size < 1 or policy.max_batch_tokens < 1 or policy.max_wait_ms < 0:
             raise ValueError(f"invalid batch policy {policy}")
         self._requested = policy

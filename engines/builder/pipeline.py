@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from engines.assets import models_dir, registry_dir
-from engines.build.parity import ParityReport, Thresholds, compare, fp16_numerics, reference_outputs
+from engines.builder.parity import (
+    ParityReport,
+    Thresholds,
+    compare,
+    fp16_numerics,
+    reference_outputs,
+)
 from engines.errors import BackendUnavailable, BuildError, EngineError
 from engines.modeldir import (
     DEFAULT_MODEL_NAME,
@@ -62,7 +68,7 @@ def resolve_model(
     if found is not None:
         return read_model(found)
     echo(f"no trained {DEFAULT_MODEL_NAME} model in {root}: fine-tuning it (a few minutes)")
-    from engines.build.train import train
+    from engines.builder.train import train
 
     path = train(
         "sentiment",
@@ -134,7 +140,7 @@ def _evaluation(info: ModelInfo) -> dict[str, Any]:
 
 def parity_examples(info: ModelInfo, n: int = DEFAULT_PARITY_TEXTS) -> list[tuple[str, str]]:
     """Held-back validation examples of the dataset the model was trained on."""
-    from engines.build.data import dataset_of, validation_examples
+    from engines.builder.data import dataset_of, validation_examples
 
     return validation_examples(n, dataset_of(info.meta.get("train", {}).get("source")))
 
@@ -181,7 +187,7 @@ def _stage_artifacts(
     shutil.copyfile(info.tokenizer_path, staging / TOKENIZER_FILE)
     extra: dict[str, Any] = {}
     if backend == "onnxruntime":
-        from engines.build.export import INT8_SETTINGS, export_model
+        from engines.builder.export import INT8_SETTINGS, export_model
 
         onnx_path = export_model(info, precision, progress=progress, fused=True)
         shutil.copyfile(onnx_path, staging / "model.onnx")
@@ -202,8 +208,8 @@ def _stage_artifacts(
             extra["encoder"] = info.encoder
         return MODEL_JSON, extra
     # tensorrt
-    from engines.build.export import export_model
-    from engines.build.tensorrt import build_plan
+    from engines.builder.export import export_model
+    from engines.builder.tensorrt import build_plan
 
     onnx_path = export_model(info, "fp32", progress=progress)
     echo(f"building TensorRT {precision} plan (max batch {max_batch}, max seq {max_seq}) ...")
@@ -216,6 +222,42 @@ def _stage_artifacts(
         echo=echo if progress else None,
     )
     return "model.plan", extra
+
+
+def manifest_for(
+    info: ModelInfo,
+    *,
+    version: str,
+    backend: str,
+    precision: str,
+    max_batch: int,
+    max_seq: int,
+    artifact: str,
+    tokenizer: str = TOKENIZER_FILE,
+    status: str = REJECTED,
+    created: str = "",
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """The manifest of an engine of the model `info` (its name, hash, labels, task and
+    width), with no files listed yet: `Registry.commit` fills them in."""
+    return Manifest(
+        version=version,
+        model_name=info.name,
+        model_hash=info.hash,
+        labels=info.labels,
+        backend=backend,
+        precision=precision,
+        max_batch=max_batch,
+        max_seq=max_seq,
+        artifact=artifact,
+        tokenizer=tokenizer,
+        files={},
+        status=status,
+        created=created,
+        extra=dict(extra or {}),
+        task=info.task,
+        embedding_dim=info.embedding_dim,
+    )
 
 
 def gate(
@@ -291,19 +333,14 @@ def build(
         artifact, extra = _stage_artifacts(
             info, staging, backend, precision, max_batch, max_seq, progress, say
         )
-        draft = Manifest(
+        draft = manifest_for(
+            info,
             version="candidate",
-            model_name=info.name,
-            model_hash=info.hash,
-            labels=info.labels,
             backend=backend,
             precision=precision,
             max_batch=max_batch,
             max_seq=max_seq,
             artifact=artifact,
-            tokenizer=TOKENIZER_FILE,
-            files={},
-            status=REJECTED,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             extra={
                 **extra,
@@ -313,8 +350,6 @@ def build(
                 # The model's evaluation per domain (`inflow train`), shown by `engine list`.
                 **({"evaluation": scores} if (scores := _evaluation(info)) else {}),
             },
-            task=info.task,
-            embedding_dim=info.embedding_dim,
         )
         from engines.load import open_engine
 

@@ -8,7 +8,7 @@ several apps in one process. Names, types and labels are listed in `README.md` a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,10 +24,10 @@ from prometheus_client.registry import Collector
 
 from engines.types import ModelIdentity
 from schemas import ErrorCode
-from streams.batcher import BatchCost
-from streams.drift import DriftCollector, DriftWatch
-from streams.lag import LagSample
-from streams.latency import LatencyTarget
+from streams.delivery.batcher import BatchCost
+from streams.delivery.latency import LatencyTarget
+from streams.ops.drift import DriftCollector, DriftWatch
+from streams.ops.lag import LagSample
 
 # No `*_created` series beside every counter and histogram: nothing here reads them.
 disable_created_metrics()
@@ -43,7 +43,7 @@ TAKEN_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.075,
     0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 30,
 )  # fmt: skip
-# Shadow and canary comparisons (streams.rollout).
+# Shadow and canary comparisons (streams.rollout.canary).
 SCORE_DELTA_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 COSINE_BUCKETS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 BULK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -111,7 +111,7 @@ class _LagCollector(Collector):
 
 
 class _LatencyTargetCollector(Collector):
-    """The latency target's state (streams.latency), read at scrape time."""
+    """The latency target's state (streams.delivery.latency), read at scrape time."""
 
     def __init__(self, target: LatencyTarget) -> None:
         self._target = target
@@ -195,156 +195,138 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.events_in = Counter("inflow_events_consumed", "Input records taken", registry=r)
-        self.predictions = Counter(
-            "inflow_predictions", "Predictions published", ["label"], registry=r
-        )
-        self.dead_letters = Counter(
-            "inflow_dead_letters", "Records dead-lettered", ["code"], registry=r
-        )
+        counter, gauge, histogram = self._counter, self._gauge, self._histogram
+        self.events_in = counter("inflow_events_consumed", "Input records taken")
+        self.predictions = counter("inflow_predictions", "Predictions published", ["label"])
+        self.dead_letters = counter("inflow_dead_letters", "Records dead-lettered", ["code"])
         for code in ErrorCode:  # every code present from the start, at 0
             self.dead_letters.labels(code=code.value)
-        self.publish_retries = Counter("inflow_publish_retries", "Publish retries", registry=r)
-        self.indexed = Counter("inflow_documents_indexed", "Documents indexed", registry=r)
-        self.index_rejected = Counter(
-            "inflow_documents_rejected", "Documents rejected by the index for good", registry=r
+        self.publish_retries = counter("inflow_publish_retries", "Publish retries")
+        self.indexed = counter("inflow_documents_indexed", "Documents indexed")
+        self.index_rejected = counter(
+            "inflow_documents_rejected", "Documents rejected by the index for good"
         )
-        self.engine_swaps = Counter("inflow_engine_swaps", "Engine versions activated", registry=r)
-        self.engine_swap_failures = Counter(
+        self.engine_swaps = counter("inflow_engine_swaps", "Engine versions activated")
+        self.engine_swap_failures = counter(
             "inflow_engine_swap_failures",
             "Engine versions that failed to load; the previous one keeps serving",
-            registry=r,
         )
-        self.queue_ms = Histogram(
-            "inflow_queue_ms",
-            "Time from batch queue to inference start (ms)",
-            buckets=LATENCY_BUCKETS_MS,
-            registry=r,
+        self.queue_ms = histogram(
+            "inflow_queue_ms", "Time from batch queue to inference start (ms)", LATENCY_BUCKETS_MS
         )
-        self.infer_ms = Histogram(
-            "inflow_batch_infer_ms",
-            "Engine time of the batch (ms)",
-            buckets=LATENCY_BUCKETS_MS,
-            registry=r,
+        self.infer_ms = histogram(
+            "inflow_batch_infer_ms", "Engine time of the batch (ms)", LATENCY_BUCKETS_MS
         )
-        self.batch_size = Histogram(
-            "inflow_batch_size", "Texts per batch", buckets=BATCH_BUCKETS, registry=r
-        )
+        self.batch_size = histogram("inflow_batch_size", "Texts per batch", BATCH_BUCKETS)
         # Padding waste = rate(padded) / rate(real): padded tokens per real token (1 = none).
-        self.batch_real_tokens = Counter(
-            "inflow_batch_real_tokens", "Tokens of the texts the engine ran", registry=r
+        self.batch_real_tokens = counter(
+            "inflow_batch_real_tokens", "Tokens of the texts the engine ran"
         )
-        self.batch_padded_tokens = Counter(
+        self.batch_padded_tokens = counter(
             "inflow_batch_padded_tokens",
             "Token positions the engine computed, padding included (longest text x texts)",
-            registry=r,
         )
-        self.event_to_published = Histogram(
+        self.event_to_published = histogram(
             "inflow_event_to_published_seconds",
             "From the event's own time (its ts field) to its prediction acknowledged by Kafka",
-            buckets=E2E_BUCKETS_S,
-            registry=r,
+            E2E_BUCKETS_S,
         )
-        self.produced_to_published = Histogram(
+        self.produced_to_published = histogram(
             "inflow_produced_to_published_seconds",
             "From the input record's Kafka timestamp to its prediction acknowledged by Kafka",
-            buckets=E2E_BUCKETS_S,
-            registry=r,
+            E2E_BUCKETS_S,
         )
-        self.taken_to_acked = Histogram(
+        self.taken_to_acked = histogram(
             "inflow_taken_to_acked_seconds",
             "From the worker taking a record to its prediction acknowledged by the broker: "
             "the latency INFLOW_LATENCY_TARGET_MS holds at p99",
-            buckets=TAKEN_BUCKETS_S,
-            registry=r,
+            TAKEN_BUCKETS_S,
         )
-        self.es_bulk_seconds = Histogram(
+        self.es_bulk_seconds = histogram(
             "inflow_es_bulk_seconds",
             "Duration of one Elasticsearch bulk request (successful or not)",
-            buckets=BULK_BUCKETS_S,
-            registry=r,
+            BULK_BUCKETS_S,
         )
-        self.es_bulk_retries = Counter(
+        self.es_bulk_retries = counter(
             "inflow_es_bulk_retries",
             "Bulk rounds retried after a failed request or retriable item errors",
-            registry=r,
         )
-        self.similar_rejected = Counter(
+        self.similar_rejected = counter(
             "inflow_similar_rejected",
             "/similar requests refused with 429: every engine slot for searches was taken",
-            registry=r,
         )
-        self.ready = Gauge(
-            "inflow_ready", "1 when the worker is ready to serve, else 0", registry=r
-        )
+        self.ready = gauge("inflow_ready", "1 when the worker is ready to serve, else 0")
         self.drift: DriftWatch | None = None
-        self._rollout_metrics(r)
+        self._rollout_metrics()
 
-    def _rollout_metrics(self, r: CollectorRegistry) -> None:
-        """A candidate served beside the active engine (streams.rollout), labelled by its
+    def _rollout_metrics(self) -> None:
+        """A candidate served beside the active engine (streams.rollout.canary), labelled by its
         version. Live agreement over a window: rate(agreed) / rate(compared)."""
+        counter, gauge, histogram = self._counter, self._gauge, self._histogram
         c = ["candidate"]
-        self.rollout_share = Gauge(
+        self.rollout_share = gauge(
             "inflow_rollout_share",
             "Share of keys routed to the candidate (absent without a rollout)",
             ["mode", "candidate"],
-            registry=r,
         )
-        self.rollout_routed = Counter(
+        self.rollout_routed = counter(
             "inflow_rollout_routed",
             "Events of the candidate's share of keys",
             ["mode", "candidate"],
-            registry=r,
         )
-        self.rollout_compared = Counter(
-            "inflow_rollout_compared", "Events both engines predicted", c, registry=r
+        self.rollout_compared = counter(
+            "inflow_rollout_compared", "Events both engines predicted", c
         )
-        self.rollout_agreed = Counter(
-            "inflow_rollout_agreed", "Compared events given the same label", c, registry=r
+        self.rollout_agreed = counter(
+            "inflow_rollout_agreed", "Compared events given the same label", c
         )
-        self.rollout_agreement = Gauge(
+        self.rollout_agreement = gauge(
             "inflow_rollout_agreement",
             "Label agreement of the candidate with the active engine since the rollout began",
             c,
-            registry=r,
         )
-        self.rollout_skipped = Counter(
-            "inflow_rollout_skipped",
-            "Routed events not compared (too many comparisons open)",
-            c,
-            registry=r,
+        self.rollout_skipped = counter(
+            "inflow_rollout_skipped", "Routed events not compared (too many comparisons open)", c
         )
-        self.rollout_score_delta = Histogram(
+        self.rollout_score_delta = histogram(
             "inflow_rollout_score_delta",
             "Largest |probability difference| over the labels, candidate against active",
+            SCORE_DELTA_BUCKETS,
             c,
-            buckets=SCORE_DELTA_BUCKETS,
-            registry=r,
         )
-        self.rollout_cosine = Histogram(
+        self.rollout_cosine = histogram(
             "inflow_rollout_embedding_cosine",
             "Cosine between the candidate's and the active engine's embedding of one text",
+            COSINE_BUCKETS,
             c,
-            buckets=COSINE_BUCKETS,
-            registry=r,
         )
-        self.rollout_latency_ms = Histogram(
+        self.rollout_latency_ms = histogram(
             "inflow_rollout_candidate_latency_ms",
             "From submit to the candidate's answer, queue included (ms)",
+            LATENCY_BUCKETS_MS,
             c,
-            buckets=LATENCY_BUCKETS_MS,
-            registry=r,
         )
-        self.rollout_errors = Counter(
-            "inflow_rollout_candidate_errors", "Texts the candidate failed on", c, registry=r
+        self.rollout_errors = counter(
+            "inflow_rollout_candidate_errors", "Texts the candidate failed on", c
         )
-        self.rollout_auto_rollbacks = Counter(
+        self.rollout_auto_rollbacks = counter(
             "inflow_rollout_auto_rollbacks",
             "Rollouts this worker ended because their rule was breached",
             ["candidate", "rule"],
-            registry=r,
         )
+
+    # ---------------------------------------------------------------------- declarations
+
+    def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(name, doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(name, doc, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = ()
+    ) -> Histogram:
+        return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
 
     # ---------------------------------------------------------------------- updates
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from streams.batcher import BatchCost, BatchLimits, BatchPolicy
+from streams.delivery.batcher import BatchCost, BatchLimits, BatchPolicy
 
 
 @dataclass(slots=True)

@@ -22,7 +22,7 @@ Decoding, batching and dead letters are the infer stage's own (`InferStage`), fe
 publisher that collects the outputs of one batch for the transaction.
 
 Failures. A batch's outputs are computed once and committed by the worker's one retry policy
-(`streams.retry`): each attempt is a new transaction on a fresh producer when the last one
+(`streams.delivery.retry`): each attempt is a new transaction on a fresh producer when the last one
 failed, a retriable error is retried with backoff, a permanent one (a topic that refuses the
 record, missing permissions) is one ERROR line and rechecked, and the partition's lag, which
 the worker watches in this group too, fails `/health/live`. Every acknowledgement is awaited
@@ -42,14 +42,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from streams.batcher import Batcher
+from streams.delivery.batcher import Batcher
 from streams.config import Settings
-from streams.infer import InferStage, InferTopics
+from streams.delivery.infer import InferStage, InferTopics
 from streams.kafka import client_options
-from streams.metrics import Metrics
-from streams.records import MAX_REQUEST_SIZE, Headers, InputRecord, RecordLimits
-from streams.retry import RetryPolicy
-from streams.rollout import Rollout
+from streams.ops.metrics import Metrics
+from streams.delivery.records import MAX_REQUEST_SIZE, Headers, InputRecord, RecordLimits
+from streams.delivery.retry import RetryPolicy
+from streams.rollout.canary import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class TransactionalInfer:
         self._settings = settings
         self._limits = limits or RecordLimits()
         self._batcher = batcher
-        self._rollout = rollout  # a shadow's or canary's candidate (streams.rollout)
+        self._rollout = rollout  # a shadow's or canary's candidate (streams.rollout.canary)
         self._metrics = metrics
         self._retry = retry or RetryPolicy()
         self._topics = InferTopics(settings.predictions_topic, settings.texts_dlq_topic)

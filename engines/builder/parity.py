@@ -212,8 +212,8 @@ def reference_outputs(
     if cache and path.is_file():
         with np.load(path) as data:
             return data["probs"].astype(np.float32), data["embedding"].astype(np.float32)
-    from engines.build.model import load_serving_model
-    from engines.build.torch_backend import TorchBackend
+    from engines.builder.model import load_serving_model
+    from engines.builder.torch_backend import TorchBackend
     from engines.runtime import LoadedEngine
     from engines.tokenize import Tokenizer
     from engines.types import ModelIdentity
@@ -246,7 +246,7 @@ def fp16_numerics(
     `dtype` on CPU (counting NaN/Inf, comparing labels and embeddings with fp32)."""
     import torch
 
-    from engines.build.model import load_serving_model
+    from engines.builder.model import load_serving_model
     from engines.tokenize import Tokenizer
 
     tokenizer = Tokenizer(info.tokenizer_path, max_seq)
