@@ -180,6 +180,6 @@ async def test_eval_retrieval_figures_match_a_direct_computation(
         tolerance = 1e-6 if mode != "hybrid-rrf" or exact else 0.02
         for metric, value in figures.items():
             assert scores[mode][metric] == pytest.approx(value, abs=tolerance), (mode, metric)
-    if which == "shipped":  # the README's claim: hybrid is at least the better half
+    if which == "shipped":  # docs/search.md's claim: hybrid is at least the better half
         best_half = max(scores["bm25"]["ndcg@10"], scores["knn"]["ndcg@10"])
         assert scores["hybrid"]["ndcg@10"] >= best_half
