@@ -158,7 +158,7 @@ class LoadedEngine:
         max_passages). Pooling: the first window weighs as much as all the others together
         (half of the score, the mean of the rest the other half). A text's opening (a
         headline and lead, a review's verdict) tends to carry it; a mean weighted by window length
-        lost 4 of 150 long BBC articles' topics that truncation got right (README)."""
+        lost 4 of 150 long BBC articles' topics that truncation got right (docs/search.md)."""
         spans: list[list[Span]] = []
         still_cut: list[bool] = []
         for text, cut in zip(texts, truncated, strict=True):

@@ -33,24 +33,24 @@ from engines.registry import Registry
 from engines.types import Engine
 from indexer import BulkWriter, EsSettings, ModelIndices, Searcher, ensure_index, index_problem
 from indexer.client import describe_es_error
-from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.config import Settings
-from streams.ops.drift import DriftWatch
+from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.delivery.eos import TransactionalInfer, eos_group
 from streams.delivery.flow import InFlightBudget, record_cost
-from streams.rollout.follower import EngineFollower
-from streams.ops.health import WorkerHealth
 from streams.delivery.index import IndexBuffer, IndexStage
 from streams.delivery.infer import Headers, InferStage, InferTopics, InputRecord
-from streams.kafka import InflowApp, client_options, faust_credentials
-from streams.ops.lag import ConsumerLag, DrainRate, LagSample, LagUnavailable, merge_samples
 from streams.delivery.latency import LatencyTarget
 from streams.delivery.ledger import OffsetLedger
-from streams.ops.logs import install_repeat_filter
-from streams.ops.metrics import Metrics
 from streams.delivery.records import MAX_REQUEST_SIZE, RecordLimits
 from streams.delivery.retry import RetryPolicy
+from streams.kafka import InflowApp, client_options, faust_credentials
+from streams.ops.drift import DriftWatch
+from streams.ops.health import WorkerHealth
+from streams.ops.lag import ConsumerLag, DrainRate, LagSample, LagUnavailable, merge_samples
+from streams.ops.logs import install_repeat_filter
+from streams.ops.metrics import Metrics
 from streams.rollout.canary import Rollout
+from streams.rollout.follower import EngineFollower
 from streams.topics import max_message_bytes, topic_names
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,8 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         # Per-partition prefetch; with the in-flight ceiling, what bounds the worker's memory.
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
-        # exactly_once is ours (streams.delivery.eos), not Faust's: Faust's agents stay at least once
-        # (the index agent's writes are idempotent by id).
+        # exactly_once is ours (streams.delivery.eos), not Faust's: Faust's agents stay at least
+        # once (the index agent's writes are idempotent by id).
         processing_guarantee="at_least_once",
         producer_acks=-1,
         producer_max_request_size=MAX_REQUEST_SIZE,
@@ -368,7 +368,8 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
             await rollout.sync()
 
     # Follows the active pointer; a version that fails to load, warm up or run is contained
-    # there (kept serving the previous one, marked failed in the registry: streams.rollout.follower).
+    # there (kept serving the previous one, marked failed in the registry:
+    # streams.rollout.follower).
     follower = EngineFollower(
         registry,
         swap=batcher.swap_engine,
@@ -384,7 +385,8 @@ def create_app(settings: Settings, registry: Registry) -> faust.App:
     @app.timer(interval=settings.engine_poll_s)
     async def follow_registry() -> None:
         """Load the first engine when one exists, then follow the registry's active pointer
-        (unless a version is pinned); a version that fails is contained (streams.rollout.follower)."""
+        (unless a version is pinned); a version that fails is contained
+        (streams.rollout.follower)."""
         if await follower.sync() is not None:
             engine_loaded.set()
 

@@ -49,7 +49,7 @@ def _positive(name: str) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    """ONNX Runtime session options, measured with `inflow engine bench` (README).
+    """ONNX Runtime session options, measured with `inflow engine bench` (docs/benchmarks.md).
 
     Spinning is off by default: on a 2-vCPU machine shared with Kafka, the search server and
     the worker's own event loop, spinning intra-op threads took the CPU those need. With it, a
@@ -60,9 +60,9 @@ class SessionSettings:
     By default batches run side by side, one per core, each on one intra-op thread
     (`concurrent_runs`, one session: onnxruntime's `run` is thread-safe). One batch spread over
     both cores waits for the slower of its two threads at every operator, and on a machine
-    shared with Kafka and the search server one of them is often descheduled (README: the
-    produce -> prediction p99 at half of capacity). An explicit thread count
-    (`INFLOW_ORT_THREADS`, `--threads`) keeps one batch at a time unless
+    shared with Kafka and the search server one of them is often descheduled
+    (docs/benchmarks.md: the produce -> prediction p99 at half of capacity). An explicit thread
+    count (`INFLOW_ORT_THREADS`, `--threads`) keeps one batch at a time unless
     `INFLOW_ORT_CONCURRENT_RUNS` says otherwise."""
 
     intra_op_threads: int

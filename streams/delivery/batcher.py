@@ -9,7 +9,7 @@ queue up and form the next one, so batches grow with the load by themselves (con
 batching, as in text-embeddings-inference). `max_wait_ms` bounds how long the oldest text
 waits for a tokenizer round in progress; with `hold_when_idle` it also waits that long for
 company on an idle engine (the older policy: it cost the 50 %-load latency test a full
-`max_wait_ms` per event on the CPU, see README).
+`max_wait_ms` per event on the CPU, see docs/benchmarks.md).
 
 With `length_aware` (the default) the batch is the oldest queued text plus the queued texts
 closest to it in length, so a batch of similar lengths wastes little on padding; the oldest

@@ -26,9 +26,9 @@ from schemas import (
     Stage,
     dead_letter_headers,
 )
-from streams.ops.metrics import Metrics
 from streams.delivery.records import Headers, InputRecord, Publisher, RecordLimits, record_size
 from streams.delivery.retry import RetryPolicy, is_record_too_large
+from streams.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -42,13 +42,13 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from streams.delivery.batcher import Batcher
 from streams.config import Settings
+from streams.delivery.batcher import Batcher
 from streams.delivery.infer import InferStage, InferTopics
-from streams.kafka import client_options
-from streams.ops.metrics import Metrics
 from streams.delivery.records import MAX_REQUEST_SIZE, Headers, InputRecord, RecordLimits
 from streams.delivery.retry import RetryPolicy
+from streams.kafka import client_options
+from streams.ops.metrics import Metrics
 from streams.rollout.canary import Rollout
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from indexer import BulkOutcome
 from indexer.client import describe_es_error
 from schemas import DecodeError, ErrorCode, Stage, decode_prediction
 from streams.delivery.deadletter import DeadLetterWriter
-from streams.ops.metrics import Metrics
 from streams.delivery.records import InputRecord, Publisher, RecordLimits
 from streams.delivery.retry import RetryPolicy
+from streams.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ from schemas import (
 )
 from streams.delivery.batcher import Batcher, InferenceFailed, ItemResult
 from streams.delivery.deadletter import DeadLetterWriter
-from streams.ops.metrics import Metrics
 from streams.delivery.records import (
     Headers,
     InputRecord,
@@ -46,6 +45,7 @@ from streams.delivery.records import (
     record_size,
 )
 from streams.delivery.retry import RetryPolicy, is_record_too_large
+from streams.ops.metrics import Metrics
 from streams.rollout.canary import CandidateFailed, Rollout, route_key
 
 log = logging.getLogger(__name__)

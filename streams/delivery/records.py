@@ -1,7 +1,8 @@
 """What the stages take and send: input records, the Publisher interface, and the size limits.
 
 Independent of Faust: an agent hands each record over as an `InputRecord` with an `ack`
-callback (the offset ledger's answer, `streams.delivery.ledger`), and output goes through `Publisher`.
+callback (the offset ledger's answer, `streams.delivery.ledger`), and output goes through
+`Publisher`.
 
 `RecordLimits` knows, before anything is sent, the largest record each output topic takes:
 the topic's `max.message.bytes` (read from the broker at start) and the producer's

@@ -1,5 +1,6 @@
-"""rewind_to_committed (streams.delivery.eos) against the real broker: a batch that was not committed is
-fetched again from the group's committed offset, and a rebalance during the rewind is no error.
+"""rewind_to_committed (streams.delivery.eos) against the real broker: a batch that was not
+committed is fetched again from the group's committed offset, and a rebalance during the rewind
+is no error.
 
 The second case is the one a CI run hit: the exactly-once loop rewound a partition, a
 rebalance took the partition away while the rewind asked the broker for the committed offset,
