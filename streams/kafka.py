@@ -28,7 +28,8 @@ from faust.transport.drivers.aiokafka import Consumer as FaustAIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as FaustAIOKafkaTransport
 from faust.types.auth import SASLMechanism
 
-from streams.config import ConfigError, Settings
+from streams.config import Settings
+from streams.errors import ConfigError
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -187,7 +188,8 @@ class _ReadCommittedConsumerThread(AIOKafkaConsumerThread):  # type: ignore[misc
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Faust reads read_committed only under its own exactly_once, which Inflow does not use
-        # (streams.delivery.eos); aiokafka takes the level from this attribute when the consumer starts.
+        # (streams.delivery.eos); aiokafka takes the level from this attribute when the consumer
+        # starts.
         consumer._isolation_level = "read_committed"
         return consumer
 

@@ -18,7 +18,8 @@ from engines.drift import CONFIDENCE_EDGES, Distribution
 from engines.registry import Registry, RolloutRecord
 from indexer import Searcher
 from streams.app import es_settings
-from streams.config import ConfigError, Settings
+from streams.config import Settings
+from streams.errors import ConfigError
 from streams.rollout.canary import LiveComparison
 
 SHIFTED_PSI = 0.25  # the alert's threshold (deploy/prometheus/alerts.yml)

@@ -1,7 +1,8 @@
 """`inflow dlq list|show|replay`: look at dead letters and put them back after a fix.
 
-Dead letters are written by the worker's stages (`streams.delivery.infer`, `streams.delivery.index`) with the
-headers of `schemas/json/dead_letter_headers.v1.json`; this module only reads them.
+Dead letters are written by the worker's stages (`streams.delivery.infer`,
+`streams.delivery.index`) with the headers of `schemas/json/dead_letter_headers.v1.json`; this
+module only reads them.
 
 Replay puts a dead letter back on the topic it was read from (`inflow.source.topic`: the input
 topic for a decode or infer failure, the predictions topic for a document the index refused)
@@ -48,8 +49,8 @@ from schemas import (
     rfc3339_from_ms,
 )
 from streams.cli.records import Record, read_records
-from streams.config import ConfigError, Settings
-from streams.errors import KafkaUnavailable
+from streams.config import Settings
+from streams.errors import ConfigError, KafkaUnavailable
 from streams.kafka import admin_client, producer
 
 DEFAULT_MAX_REPLAYS = 3

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import numpy as np
 from elasticsearch import ApiError
 
 from engines.registry import Registry
@@ -28,9 +30,11 @@ from indexer.mapping import prediction_mappings
 from indexer.search import HYBRID_ALPHA
 from schemas import TextEvent
 from streams.app import es_settings
-from streams.cli.reindex import embed_documents
-from streams.config import ConfigError, Settings
+from streams.config import Settings
+from streams.delivery.batcher import ItemResult
+from streams.delivery.infer import build_prediction
 from streams.delivery.records import InputRecord
+from streams.errors import ConfigError
 
 MODES = ("bm25", "knn", "hybrid", "hybrid-rrf")  # hybrid: linear fusion, the default
 DEPTH = 100  # ranks kept per query: recall@100 needs them all
@@ -69,6 +73,29 @@ class RetrievalReport:
                 *rows,
             ]
         )
+
+
+async def embed_documents(
+    engine: Any, events: list[tuple[InputRecord, TextEvent]]
+) -> list[dict[str, Any]]:
+    """The new model's documents for `events` (where each was read, what it said)."""
+    if not events:
+        return []
+    result = await asyncio.to_thread(engine.predict, [e.text for _, e in events])
+    docs = []
+    for i, (record, event) in enumerate(events):
+        item = ItemResult(
+            label=result.labels[i],
+            scores=result.scores[i],
+            embedding=np.asarray(result.embeddings[i], dtype=np.float32),
+            truncated=result.truncated[i],
+            model=result.model,
+            queue_ms=0.0,
+            infer_ms=0.0,
+            batch_size=len(events),
+        )
+        docs.append(msgspec.to_builtins(build_prediction(record, event, item)))
+    return docs
 
 
 def _noop() -> None:

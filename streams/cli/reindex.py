@@ -29,10 +29,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import msgspec
-import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from elasticsearch import AsyncElasticsearch
 from elasticsearch.helpers import async_scan
@@ -51,15 +49,12 @@ from indexer import (
 from indexer.evaluation import load_beir
 from schemas import DecodeError, TextEvent, decode_event, parse_rfc3339_ms
 from streams.app import es_settings
-from streams.delivery.batcher import ItemResult
+from streams.cli.evaluate import QualityGate, check_quality, embed_documents
 from streams.cli.records import topic_partitions
-from streams.config import ConfigError, Settings
-from streams.errors import CutoverRefused
-from streams.delivery.infer import InputRecord, build_prediction
+from streams.config import Settings
+from streams.delivery.infer import InputRecord
+from streams.errors import ConfigError, CutoverRefused
 from streams.kafka import client_options
-
-if TYPE_CHECKING:
-    from streams.cli.evaluate import QualityGate
 
 BATCH = 32
 
@@ -152,29 +147,6 @@ async def _predict(engine: Any, records: list[Any], topic: str) -> tuple[list[di
     return await embed_documents(engine, events), skipped
 
 
-async def embed_documents(
-    engine: Any, events: list[tuple[InputRecord, TextEvent]]
-) -> list[dict[str, Any]]:
-    """The new model's documents for `events` (where each was read, what it said)."""
-    if not events:
-        return []
-    result = await asyncio.to_thread(engine.predict, [e.text for _, e in events])
-    docs = []
-    for i, (record, event) in enumerate(events):
-        item = ItemResult(
-            label=result.labels[i],
-            scores=result.scores[i],
-            embedding=np.asarray(result.embeddings[i], dtype=np.float32),
-            truncated=result.truncated[i],
-            model=result.model,
-            queue_ms=0.0,
-            infer_ms=0.0,
-            batch_size=len(events),
-        )
-        docs.append(msgspec.to_builtins(build_prediction(record, event, item)))
-    return docs
-
-
 def _noop() -> None:
     return None
 
@@ -248,8 +220,6 @@ async def _check_gate(
 ) -> None:
     """Before any backfill: measure the new and the live model on the eval set (each in a
     private index) and refuse when the new one is worse by more than the tolerance."""
-    from streams.cli.evaluate import check_quality
-
     live = [v for v in [(await index_meta(es, i)).get("version") for i in serving] if v]
     if not live:
         _say("quality gate: the alias serves no model yet, nothing to compare with")
@@ -459,7 +429,6 @@ def run_reindex(
     eval_mode: str = "knn",
 ) -> int:
     from streams.cli.dlq import parse_time
-    from streams.cli.evaluate import QualityGate
 
     if rollback == (version is not None):
         raise ConfigError("name --version V, or --rollback (not both)")

@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from streams.config import ConfigError
+from streams.errors import ConfigError
 
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")

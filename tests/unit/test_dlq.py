@@ -15,7 +15,7 @@ from streams.cli.dlq import (
 )
 from streams.cli.main import build_parser
 from streams.cli.records import Record
-from streams.config import ConfigError
+from streams.errors import ConfigError
 
 
 def _dead(

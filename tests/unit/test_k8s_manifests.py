@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -375,7 +374,7 @@ def test_every_resource_lives_in_the_namespace() -> None:
 
 
 def test_settings_keys_name_real_settings(config: dict[str, str]) -> None:
-    known = {f"INFLOW_{f.name.upper()}" for f in fields(Settings) if f.name != "extra"}
+    known = {f"INFLOW_{name.upper()}" for name in Settings.model_fields if name != "extra"}
     secret = one("Secret", "inflow-secrets")["stringData"]
     assert set(config) <= known, set(config) - known
     assert set(secret) <= known, set(secret) - known

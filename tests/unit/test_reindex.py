@@ -7,7 +7,7 @@ import pytest
 from indexer import model_index_name, model_space, model_write_alias
 from streams.cli.main import build_parser
 from streams.cli.reindex import Progress, parse_offsets
-from streams.config import ConfigError
+from streams.errors import ConfigError
 
 
 def test_a_model_space_is_the_model_hash_of_the_engine_version() -> None:
