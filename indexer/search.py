@@ -100,30 +100,47 @@ def _date(value: DateLike) -> str:
     return value  # RFC 3339 or Elasticsearch date math such as "now-1h"
 
 
-def build_filters(
-    *,
-    label: str | Sequence[str] | None = None,
-    model_version: str | None = None,
-    since: DateLike | None = None,
-    until: DateLike | None = None,
-    time_field: TimeField = "processed_ts",
-) -> list[dict[str, Any]]:
-    """Filter clauses (no scoring): labels, model version, and ``since <= time < until``."""
-    clauses: list[dict[str, Any]] = []
-    if isinstance(label, str):
-        clauses.append({"term": {"label": label}})
-    elif label is not None:
-        clauses.append({"terms": {"label": list(label)}})
-    if model_version is not None:
-        clauses.append({"term": {"model.version": model_version}})
-    if since is not None or until is not None:
-        bounds: dict[str, str] = {}
-        if since is not None:
-            bounds["gte"] = _date(since)
-        if until is not None:
-            bounds["lt"] = _date(until)
-        clauses.append({"range": {time_field: bounds}})
-    return clauses
+@dataclass(frozen=True, slots=True)
+class SearchFilters:
+    """Which documents a search may return: labels, model version, and
+    ``since <= time_field < until``. The defaults let every document through.
+
+    ``since`` and ``until`` are timezone-aware datetimes, RFC 3339 strings or Elasticsearch
+    date math such as ``"now-1h"``; a naive datetime is refused here, at construction."""
+
+    label: str | Sequence[str] | None = None  # a sequence matches any of its labels
+    model_version: str | None = None
+    since: DateLike | None = None
+    until: DateLike | None = None
+    time_field: TimeField = "processed_ts"
+
+    def __post_init__(self) -> None:
+        if self.label is not None and not isinstance(self.label, str):
+            object.__setattr__(self, "label", tuple(self.label))  # frozen: no shared list
+        for bound in (self.since, self.until):
+            if bound is not None:
+                _date(bound)
+
+    def clauses(self) -> list[dict[str, Any]]:
+        """Elasticsearch filter clauses (no scoring) for a ``bool`` query's ``filter``."""
+        clauses: list[dict[str, Any]] = []
+        if isinstance(self.label, str):
+            clauses.append({"term": {"label": self.label}})
+        elif self.label is not None:
+            clauses.append({"terms": {"label": list(self.label)}})
+        if self.model_version is not None:
+            clauses.append({"term": {"model.version": self.model_version}})
+        if self.since is not None or self.until is not None:
+            bounds: dict[str, str] = {}
+            if self.since is not None:
+                bounds["gte"] = _date(self.since)
+            if self.until is not None:
+                bounds["lt"] = _date(self.until)
+            clauses.append({"range": {self.time_field: bounds}})
+        return clauses
+
+
+NO_FILTERS = SearchFilters()
 
 
 def _check_k(k: int) -> None:
@@ -306,7 +323,7 @@ def build_recent_outputs_query(
     model_version: str, *, size: int, since: DateLike | None = None
 ) -> dict[str, Any]:
     """The latest ``size`` documents of one model version, newest first: labels and scores."""
-    filters = build_filters(model_version=model_version, since=since)
+    filters = SearchFilters(model_version=model_version, since=since).clauses()
     return {
         "size": size,
         "query": {"bool": {"filter": filters}},
@@ -524,22 +541,12 @@ class Searcher:
         self,
         q: str,
         *,
-        label: str | Sequence[str] | None = None,
-        model_version: str | None = None,
-        since: DateLike | None = None,
-        until: DateLike | None = None,
-        time_field: TimeField = "processed_ts",
+        filters: SearchFilters = NO_FILTERS,
         k: int = 10,
     ) -> SearchResult:
         """Full-text search on ``text``, best match first, with highlights."""
-        filters = build_filters(
-            label=label,
-            model_version=model_version,
-            since=since,
-            until=until,
-            time_field=time_field,
-        )
-        return parse_search_response(await self._search(build_text_query(q, k=k, filters=filters)))
+        body = build_text_query(q, k=k, filters=filters.clauses())
+        return parse_search_response(await self._search(body))
 
     async def search_similar(
         self,
@@ -547,29 +554,18 @@ class Searcher:
         *,
         k: int = 10,
         num_candidates: int | None = None,
-        label: str | Sequence[str] | None = None,
-        model_version: str | None = None,
-        since: DateLike | None = None,
-        until: DateLike | None = None,
-        time_field: TimeField = "processed_ts",
+        filters: SearchFilters = NO_FILTERS,
         passages: bool | None = None,
     ) -> SearchResult:
         """The ``k`` documents whose embeddings are nearest ``vector`` (cosine), best first;
         with ``passages`` (this searcher's default when None), by their best passage, which
         each hit names."""
-        filters = build_filters(
-            label=label,
-            model_version=model_version,
-            since=since,
-            until=until,
-            time_field=time_field,
-        )
         # Any width: each alias holds one model's width, which Elasticsearch checks.
         body = build_knn_query(
             vector,
             k=k,
             num_candidates=num_candidates,
-            filters=filters,
+            filters=filters.clauses(),
             dims=None,
             passages=self._passages if passages is None else passages,
         )
@@ -583,11 +579,7 @@ class Searcher:
         k: int = 10,
         window: int = RRF_WINDOW,
         method: HybridMethod | None = None,
-        label: str | Sequence[str] | None = None,
-        model_version: str | None = None,
-        since: DateLike | None = None,
-        until: DateLike | None = None,
-        time_field: TimeField = "processed_ts",
+        filters: SearchFilters = NO_FILTERS,
     ) -> SearchResult:
         """Full-text and kNN, both under the same filters, each to depth ``window``, fused by
         ``method`` (this searcher's default when None; see HybridMethod). "rrf" runs on the
@@ -596,17 +588,11 @@ class Searcher:
         method = method or self._hybrid
         if method not in HYBRID_METHODS:
             raise ValueError(f"method must be one of {', '.join(HYBRID_METHODS)}, got {method!r}")
-        filters = build_filters(
-            label=label,
-            model_version=model_version,
-            since=since,
-            until=until,
-            time_field=time_field,
-        )
+        clauses = filters.clauses()
         window = max(window, k)  # each half must reach as deep as the answer
         if method == "rrf" and self._fusion != "client":
             body = build_rrf_query(
-                q, vector, k=k, window=window, filters=filters, dims=None, passages=self._passages
+                q, vector, k=k, window=window, filters=clauses, dims=None, passages=self._passages
             )
             try:
                 return parse_search_response(await self._search(body))
@@ -616,9 +602,9 @@ class Searcher:
                 self._fusion = "client"
             else:
                 self._fusion = "server"
-        text_body = build_text_query(q, k=window, filters=filters)
+        text_body = build_text_query(q, k=window, filters=clauses)
         knn_body = build_knn_query(
-            vector, k=window, filters=filters, dims=None, passages=self._passages
+            vector, k=window, filters=clauses, dims=None, passages=self._passages
         )
         text, knn = await asyncio.gather(self._search(text_body), self._search(knn_body))
         halves = [parse_search_response(text), parse_search_response(knn)]
@@ -638,17 +624,11 @@ class Searcher:
         self,
         *,
         q: str | None = None,
-        model_version: str | None = None,
-        since: DateLike | None = None,
-        until: DateLike | None = None,
-        time_field: TimeField = "processed_ts",
+        filters: SearchFilters = NO_FILTERS,
         size: int = 100,
     ) -> dict[str, int]:
         """Documents per label among those matching ``q`` and the filters."""
-        filters = build_filters(
-            model_version=model_version, since=since, until=until, time_field=time_field
-        )
-        body = build_label_counts_query(q=q, filters=filters, size=size)
+        body = build_label_counts_query(q=q, filters=filters.clauses(), size=size)
         return parse_label_counts(await self._search(body))
 
     async def recent_outputs(
@@ -671,23 +651,17 @@ class Searcher:
         *,
         interval: str = "1h",
         q: str | None = None,
-        label: str | Sequence[str] | None = None,
-        model_version: str | None = None,
-        since: DateLike | None = None,
-        until: DateLike | None = None,
-        time_field: TimeField = "processed_ts",
+        filters: SearchFilters = NO_FILTERS,
         by_label: bool = False,
     ) -> list[TimeBucket]:
-        """Documents per ``interval`` (e.g. ``"1m"``, ``"1h"``, ``"1d"``) of ``time_field``."""
-        filters = build_filters(
-            label=label,
-            model_version=model_version,
-            since=since,
-            until=until,
-            time_field=time_field,
-        )
+        """Documents per ``interval`` (e.g. ``"1m"``, ``"1h"``, ``"1d"``) of the filters'
+        ``time_field``."""
         body = build_time_histogram_query(
-            interval=interval, q=q, filters=filters, time_field=time_field, by_label=by_label
+            interval=interval,
+            q=q,
+            filters=filters.clauses(),
+            time_field=filters.time_field,
+            by_label=by_label,
         )
         return parse_time_histogram(await self._search(body))
 
@@ -696,44 +670,19 @@ class Searcher:
         *,
         percents: Sequence[float] = DEFAULT_PERCENTS,
         q: str | None = None,
-        label: str | Sequence[str] | None = None,
-        model_version: str | None = None,
-        since: DateLike | None = None,
-        until: DateLike | None = None,
-        time_field: TimeField = "processed_ts",
+        filters: SearchFilters = NO_FILTERS,
     ) -> LatencyPercentiles:
         """Percentiles of the event-to-prediction latency of the matching documents (those
         with an ``event_ts``)."""
-        filters = build_filters(
-            label=label,
-            model_version=model_version,
-            since=since,
-            until=until,
-            time_field=time_field,
-        )
-        body = build_latency_percentiles_query(percents=percents, q=q, filters=filters)
+        body = build_latency_percentiles_query(percents=percents, q=q, filters=filters.clauses())
         return parse_latency_percentiles(await self._search(body))
 
-    async def count(
-        self,
-        *,
-        label: str | Sequence[str] | None = None,
-        model_version: str | None = None,
-        since: DateLike | None = None,
-        until: DateLike | None = None,
-        time_field: TimeField = "processed_ts",
-    ) -> int:
+    async def count(self, *, filters: SearchFilters = NO_FILTERS) -> int:
         """How many documents match the filters (all of them without filters)."""
-        filters = build_filters(
-            label=label,
-            model_version=model_version,
-            since=since,
-            until=until,
-            time_field=time_field,
-        )
+        body = build_count_query(filters.clauses())
         es = self._slot.get()
         try:
-            response = await es.count(index=self._alias, body=build_count_query(filters))
+            response = await es.count(index=self._alias, body=body)
         except (TransportError, ApiError) as exc:
             raise _translate(exc) from exc
         return int(response.body["count"])

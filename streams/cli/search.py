@@ -8,6 +8,7 @@ import json
 from typing import Literal
 
 from indexer import Searcher, SearchResult
+from indexer.search import SearchFilters
 from streams.app import es_settings
 from streams.config import Settings
 
@@ -27,17 +28,17 @@ SearchMode = Literal["text", "similar", "hybrid"]
 
 
 async def search(
-    settings: Settings, query: str, *, label: str | None, mode: SearchMode, k: int
+    settings: Settings, query: str, *, filters: SearchFilters, mode: SearchMode, k: int
 ) -> SearchResult:
     async with Searcher(
         es_settings(settings), alias=settings.es_alias, passages=settings.passages_max > 1
     ) as searcher:
         if mode == "text":
-            return await searcher.search_text(query, label=label, k=k)
+            return await searcher.search_text(query, filters=filters, k=k)
         vector = await asyncio.to_thread(embed_query, settings, query)
         if mode == "similar":
-            return await searcher.search_similar(vector, k=k, label=label)
-        return await searcher.search_hybrid(query, vector, k=k, label=label)
+            return await searcher.search_similar(vector, k=k, filters=filters)
+        return await searcher.search_hybrid(query, vector, k=k, filters=filters)
 
 
 def format_result(result: SearchResult, width: int = 100) -> str:
@@ -59,7 +60,8 @@ def format_result(result: SearchResult, width: int = 100) -> str:
 def run_search(
     settings: Settings, query: str, *, label: str | None, mode: SearchMode, k: int, as_json: bool
 ) -> int:
-    result = asyncio.run(search(settings, query, label=label, mode=mode, k=k))
+    filters = SearchFilters(label=label)
+    result = asyncio.run(search(settings, query, filters=filters, mode=mode, k=k))
     if as_json:
         hits = [
             {key: value for key, value in dataclasses.asdict(hit).items() if key != "doc"}

@@ -31,9 +31,10 @@ from aiohttp import web as aioweb
 from faust.web import Request, Response, View
 
 from indexer import IndexerError, SearchResult
-from streams.ops.auth import ApiKeys, is_loopback, presented_key
-from streams.delivery.batcher import NoEngine
+from indexer.search import SearchFilters
 from streams.config import Settings
+from streams.delivery.batcher import NoEngine
+from streams.ops.auth import ApiKeys, is_loopback, presented_key
 from streams.ops.metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class BadRequest(ValueError):
 class SearchRequest:
     view: str  # "search" | "similar"
     text: str
-    label: str | None
+    filters: SearchFilters  # /search and /similar filter alike: label
     k: int
     mode: str = "text"  # /search only: "text" | "hybrid"
 
@@ -104,7 +105,7 @@ def parse_search_params(
     mode = values.get("mode", "text")
     if mode not in SEARCH_MODES:
         raise BadRequest(f"mode must be one of {', '.join(SEARCH_MODES)}")
-    return SearchRequest(view, text, label, k, mode)
+    return SearchRequest(view, text, SearchFilters(label=label), k, mode)
 
 
 class Refused(Exception):
@@ -242,17 +243,17 @@ class SearchViews:
     async def _run(self, request: SearchRequest) -> SearchResult:
         if request.view == "search" and request.mode == "text":
             result: SearchResult = await self._searcher.search_text(
-                request.text, label=request.label, k=request.k
+                request.text, filters=request.filters, k=request.k
             )
             return result
         vector = await self._embed_bounded(request.text)
         if request.view == "search":  # hybrid: the same text as words and as meaning
             hybrid: SearchResult = await self._searcher.search_hybrid(
-                request.text, vector, k=request.k, label=request.label
+                request.text, vector, k=request.k, filters=request.filters
             )
             return hybrid
         similar: SearchResult = await self._searcher.search_similar(
-            vector, k=request.k, label=request.label
+            vector, k=request.k, filters=request.filters
         )
         return similar
 
@@ -289,7 +290,7 @@ class SearchViews:
         if request is not None:
             what: dict[str, Any] = {
                 "query": request.text,
-                "label": request.label,
+                "label": request.filters.label,
                 "k": request.k,
                 "mode": request.mode,
             }
@@ -360,7 +361,8 @@ class SearchServer:
 
 
 def _rollout_summary(rollout: Any) -> dict[str, Any] | None:
-    """The candidate this worker serves beside the active engine (streams.rollout.canary), if any."""
+    """The candidate this worker serves beside the active engine (streams.rollout.canary), if
+    any."""
     record = None if rollout is None else rollout.record
     if record is None:
         return None

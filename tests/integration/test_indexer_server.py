@@ -24,7 +24,7 @@ from indexer.bulk import BulkWriter, RetryPolicy
 from indexer.client import EsSettings
 from indexer.errors import IndexSetupError, IndexUnavailable
 from indexer.mapping import alias_dims, ensure_index, first_index_name
-from indexer.search import Searcher
+from indexer.search import Searcher, SearchFilters
 from tests.conftest import TestServices
 
 pytestmark = pytest.mark.integration
@@ -238,15 +238,15 @@ async def test_distinctive_text_comes_first(
 
 
 async def test_text_search_filters(corpus: list[dict[str, Any]], searcher: Searcher) -> None:
-    result = await searcher.search_text("weather", label="negative", model_version="2", k=100)
+    both = SearchFilters(label="negative", model_version="2")
+    result = await searcher.search_text("weather", filters=both, k=100)
     expected = {
         d["id"] for d in corpus if d["label"] == "negative" and d["model"]["version"] == "2"
     }
     assert {h.id for h in result.hits} == expected
     assert all(h.model_version == "2" for h in result.hits)
-    early = await searcher.search_text(
-        "", since="2024-05-01T00:00:00Z", until="2024-05-03T00:00:00Z", k=100
-    )
+    window = SearchFilters(since="2024-05-01T00:00:00Z", until="2024-05-03T00:00:00Z")
+    early = await searcher.search_text("", filters=window, k=100)
     assert {h.id for h in early.hits} == {
         d["id"] for d in corpus if d["processed_ts"] < "2024-05-03"
     }
@@ -265,7 +265,9 @@ async def test_knn_with_a_known_vector_finds_its_document(
 async def test_knn_label_filter(corpus: list[dict[str, Any]], searcher: Searcher) -> None:
     target = corpus[33]
     other = "positive" if target["label"] != "positive" else "negative"
-    result = await searcher.search_similar(target["embedding"], k=5, label=other)
+    result = await searcher.search_similar(
+        target["embedding"], k=5, filters=SearchFilters(label=other)
+    )
     assert len(result.hits) == 5
     assert all(h.label == other for h in result.hits)
     assert target["id"] not in {h.id for h in result.hits}
@@ -280,17 +282,17 @@ async def test_label_counts_and_count(corpus: list[dict[str, Any]], searcher: Se
     for d in corpus:
         if d["model"]["version"] == "1":
             v1[d["label"]] += 1
-    assert await searcher.label_counts(model_version="1") == {k: n for k, n in v1.items() if n}
+    v1_counts = await searcher.label_counts(filters=SearchFilters(model_version="1"))
+    assert v1_counts == {k: n for k, n in v1.items() if n}
     assert await searcher.count() == len(corpus)
-    assert await searcher.count(label="neutral") == expected["neutral"]
+    assert await searcher.count(filters=SearchFilters(label="neutral")) == expected["neutral"]
 
 
 async def test_time_histogram_per_day_with_labels(
     corpus: list[dict[str, Any]], searcher: Searcher
 ) -> None:
-    buckets = await searcher.time_histogram(
-        interval="1d", since="2024-05-01T00:00:00Z", until="2024-05-08T00:00:00Z", by_label=True
-    )
+    week = SearchFilters(since="2024-05-01T00:00:00Z", until="2024-05-08T00:00:00Z")
+    buckets = await searcher.time_histogram(interval="1d", filters=week, by_label=True)
     expected: dict[str, dict[str, int]] = {}
     for d in corpus:
         day = d["processed_ts"][:10]
@@ -300,7 +302,8 @@ async def test_time_histogram_per_day_with_labels(
     assert [b.start for b in buckets] == sorted(expected)
     assert {b.start: b.labels for b in buckets} == expected
     assert all(b.count == sum(b.labels.values()) for b in buckets)
-    hours = await searcher.time_histogram(interval="12h", label="neutral", until="2024-05-03")
+    neutral = SearchFilters(label="neutral", until="2024-05-03")
+    hours = await searcher.time_histogram(interval="12h", filters=neutral)
     # Neutral documents before May 3rd: #56 (May 1st, 12:00) and #29 (May 2nd, 12:00). The
     # empty bucket between them comes back with a zero count.
     assert [(b.start, b.count) for b in hours] == [
@@ -335,7 +338,8 @@ async def test_latency_percentiles(
     assert result.values_ms[50.0] == pytest.approx(505, abs=10)
     assert result.values_ms[90.0] == pytest.approx(905, abs=10)
     assert result.values_ms[99.0] == pytest.approx(995, abs=10)
-    negative = await searcher.latency_percentiles(label="nothing-has-this-label")
+    nothing = SearchFilters(label="nothing-has-this-label")
+    negative = await searcher.latency_percentiles(filters=nothing)
     assert negative.count == 0 and set(negative.values_ms.values()) == {None}
 
 

@@ -681,6 +681,37 @@ def test_bench_table_and_batches() -> None:
     assert batches[1] == ["c", "a"]
 
 
+def test_bench_and_build_describe_an_engine_by_the_same_manifest(tiny_model: ModelInfo) -> None:
+    from engines.builder.bench import open_spec
+    from engines.builder.pipeline import manifest_for
+
+    draft = manifest_for(
+        tiny_model,
+        version="candidate",
+        backend="torch",
+        precision="fp32",
+        max_batch=4,
+        max_seq=32,
+        artifact=MODEL_JSON,
+    )
+    assert (draft.model_name, draft.model_hash, draft.labels) == (
+        tiny_model.name,
+        tiny_model.hash,
+        tiny_model.labels,
+    )
+    assert (draft.task, draft.embedding_dim) == (tiny_model.task, tiny_model.embedding_dim)
+    assert (draft.status, draft.files, draft.tokenizer) == (REJECTED, {}, TOKENIZER_FILE)
+    engine = open_spec("torch:fp32", tiny_model, 4, 32, None)  # straight from the model folder
+    try:
+        identity = engine.identity
+        assert (identity.name, identity.version) == (tiny_model.name, "torch:fp32")
+        assert (identity.backend, identity.precision) == ("torch", "fp32")
+        assert identity.task == tiny_model.task
+        assert len(engine.predict(["good", "bad"]).labels) == 2
+    finally:
+        engine.close()
+
+
 # ----------------------------------------------------------------------- data/metrics
 def test_stratified_split_is_deterministic_and_disjoint() -> None:
     examples = [(f"text {i}", LABELS[i % 3]) for i in range(300)]

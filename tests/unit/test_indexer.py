@@ -35,8 +35,10 @@ from indexer.mapping import (
     validate_alias,
 )
 from indexer.search import (
+    NO_FILTERS,
+    Searcher,
+    SearchFilters,
     build_count_query,
-    build_filters,
     build_knn_query,
     build_label_counts_query,
     build_latency_percentiles_query,
@@ -284,21 +286,33 @@ def test_nonsense_retry_policies_are_refused(kwargs: dict[str, Any]) -> None:
 
 def test_filters_cover_label_model_and_half_open_time_range() -> None:
     since = datetime(2024, 1, 1, tzinfo=UTC)
-    assert build_filters(
+    filters = SearchFilters(
         label=["a", "b"], model_version="2", since=since, until="now", time_field="event_ts"
-    ) == [
+    )
+    assert filters.clauses() == [
         {"terms": {"label": ["a", "b"]}},
         {"term": {"model.version": "2"}},
         {"range": {"event_ts": {"gte": "2024-01-01T00:00:00+00:00", "lt": "now"}}},
     ]
-    assert build_filters(label="a") == [{"term": {"label": "a"}}]
-    assert build_filters() == []
-    with pytest.raises(ValueError, match="timezone"):
-        build_filters(since=datetime(2024, 1, 1))
+    assert SearchFilters(label="a").clauses() == [{"term": {"label": "a"}}]
+    assert SearchFilters().clauses() == [] and SearchFilters() == NO_FILTERS
+    assert SearchFilters(until="now-1h").clauses() == [
+        {"range": {"processed_ts": {"lt": "now-1h"}}}
+    ]
+    with pytest.raises(ValueError, match="timezone"):  # refused when made, not when searched
+        SearchFilters(since=datetime(2024, 1, 1))
+
+
+def test_filters_are_a_value_that_a_caller_cannot_change_afterwards() -> None:
+    labels = ["a", "b"]
+    filters = SearchFilters(label=labels)
+    labels.append("c")
+    assert filters.label == ("a", "b") and filters == SearchFilters(label=("a", "b"))
+    assert hash(filters) == hash(SearchFilters(label=["a", "b"]))
 
 
 def test_text_query_matches_text_filters_and_highlights() -> None:
-    body = build_text_query("quick fox", k=5, filters=build_filters(label="pos"))
+    body = build_text_query("quick fox", k=5, filters=SearchFilters(label="pos").clauses())
     assert body["query"] == {
         "bool": {
             "must": [{"match": {"text": {"query": "quick fox"}}}],
@@ -317,7 +331,7 @@ def test_text_query_matches_text_filters_and_highlights() -> None:
 
 def test_knn_query_is_top_level_with_filter() -> None:
     vector = unit_vector(1)
-    body = build_knn_query(vector, k=3, filters=build_filters(label="neg"))
+    body = build_knn_query(vector, k=3, filters=SearchFilters(label="neg").clauses())
     knn = body["knn"]
     assert knn["field"] == "embedding"
     assert knn["query_vector"] == pytest.approx(vector)
@@ -360,7 +374,7 @@ def test_num_candidates_below_k_is_refused() -> None:
 
 
 def test_label_counts_and_count_queries() -> None:
-    body = build_label_counts_query(filters=build_filters(model_version="1"), size=7)
+    body = build_label_counts_query(filters=SearchFilters(model_version="1").clauses(), size=7)
     assert body["size"] == 0
     assert body["aggs"] == {"labels": {"terms": {"field": "label", "size": 7}}}
     assert body["query"]["bool"]["filter"] == [{"term": {"model.version": "1"}}]
@@ -369,7 +383,10 @@ def test_label_counts_and_count_queries() -> None:
 
 def test_time_histogram_query_uses_a_fixed_interval_and_keeps_empty_buckets() -> None:
     body = build_time_histogram_query(
-        interval="5m", filters=build_filters(label="negative"), time_field="event_ts", by_label=True
+        interval="5m",
+        filters=SearchFilters(label="negative").clauses(),
+        time_field="event_ts",
+        by_label=True,
     )
     assert body["size"] == 0
     histogram = body["aggs"]["over_time"]
@@ -465,6 +482,49 @@ def test_search_response_parses_into_hits() -> None:
     assert hit.scores == {"positive": 0.9, "negative": 0.1}
     assert hit.highlight == ["<em>text</em> number 1"]
     assert parse_label_counts(response) == {"a": 2}
+
+
+# -- Searcher against a fake client --------------------------------------------------------
+
+
+class RecordingSearchClient:
+    """Answers every search with no hits and every count with 4, keeping each body."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+
+    async def search(self, *, index: str, body: dict[str, Any]) -> SimpleNamespace:
+        self.bodies.append(body)
+        return SimpleNamespace(body={"took": 1, "hits": {"total": {"value": 0}, "hits": []}})
+
+    async def count(self, *, index: str, body: dict[str, Any]) -> SimpleNamespace:
+        self.bodies.append(body)
+        return SimpleNamespace(body={"count": 4})
+
+
+def _filter_of(body: Mapping[str, Any]) -> Any:
+    return body["knn"]["filter"] if "knn" in body else body["query"]["bool"]["filter"]
+
+
+async def test_every_searcher_method_filters_by_the_one_filters_value() -> None:
+    es = RecordingSearchClient()
+    filters = SearchFilters(label="neg", model_version="2", since="now-1d", time_field="event_ts")
+    vector = unit_vector(0)
+    async with Searcher(client=cast(AsyncElasticsearch, es)) as searcher:
+        await searcher.search_text("fox", filters=filters)
+        await searcher.search_similar(vector, filters=filters)
+        await searcher.search_hybrid("fox", vector, filters=filters)  # linear: text and kNN
+        await searcher.label_counts(filters=filters)
+        await searcher.time_histogram(filters=filters)
+        await searcher.latency_percentiles(filters=filters)
+        assert await searcher.count(filters=filters) == 4
+        assert await searcher.count() == 4
+    *filtered, unfiltered = es.bodies
+    assert len(filtered) == 8
+    assert all(_filter_of(body) == filters.clauses() for body in filtered)
+    histogram = filtered[5]["aggs"]["over_time"]["date_histogram"]
+    assert histogram["field"] == "event_ts"  # the histogram is over the filters' time field
+    assert unfiltered == {"query": {"bool": {"filter": []}}}
 
 
 # -- BulkWriter against a fake client ------------------------------------------------------

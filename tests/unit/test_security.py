@@ -17,10 +17,11 @@ from aiokafka.errors import (
 )
 from multidict import CIMultiDict
 
-from indexer.search import build_filters, build_knn_query, build_text_query
-from streams.ops.auth import ApiKeys, is_loopback, new_key, presented_key
-from streams.config import ConfigError, Settings
+from indexer.search import SearchFilters, build_knn_query, build_text_query
+from streams.config import Settings
+from streams.errors import ConfigError
 from streams.kafka import client_options, describe_connection_error, faust_credentials
+from streams.ops.auth import ApiKeys, is_loopback, new_key, presented_key
 from streams.ops.web import (
     MAX_K,
     MAX_QUERY_CHARS,
@@ -111,8 +112,10 @@ def test_search_port_setting_moves_the_views() -> None:
 
 def test_parameters_within_bounds() -> None:
     request = parse_search_params("search", [("q", " hello "), ("label", "pos:1"), ("k", "5")])
-    assert (request.text, request.label, request.k) == ("hello", "pos:1", 5)
-    assert parse_search_params("similar", [("text", "x")]).k == 10
+    assert (request.text, request.filters, request.k) == ("hello", SearchFilters("pos:1"), 5)
+    similar = parse_search_params("similar", [("text", "x"), ("label", "neg")])
+    assert similar.k == 10 and similar.filters == SearchFilters(label="neg")
+    assert parse_search_params("search", [("q", "x")]).filters == SearchFilters()
     assert parse_search_params("search", [("q", "x" * MAX_QUERY_CHARS), ("k", str(MAX_K))])
     assert parse_search_params("search", [("q", "x")]).mode == "text"
     assert parse_search_params("search", [("q", "x"), ("mode", "hybrid")]).mode == "hybrid"
@@ -167,13 +170,13 @@ INJECTIONS = [
 @pytest.mark.parametrize("text", INJECTIONS)
 def test_query_text_is_only_ever_a_value(text: str) -> None:
     """The text lands in exactly one place, as a JSON string value, whatever it holds."""
-    body = build_text_query(text, k=5, filters=build_filters(label=text))
+    body = build_text_query(text, k=5, filters=SearchFilters(label=text).clauses())
     assert body["query"]["bool"]["must"] == [{"match": {"text": {"query": text}}}]
     assert body["query"]["bool"]["filter"] == [{"term": {"label": text}}]
     assert set(body) == {"query", "size", "_source", "highlight"} and body["size"] == 5
     round_trip = json.loads(json.dumps(body))
     assert round_trip == body  # serialising keeps it a string: no structure leaks in
-    knn = build_knn_query([1.0] * 384, k=3, filters=build_filters(label=text))
+    knn = build_knn_query([1.0] * 384, k=3, filters=SearchFilters(label=text).clauses())
     assert knn["knn"]["filter"] == [{"term": {"label": text}}]
 
 
@@ -207,6 +210,20 @@ async def test_views_answer_400_401_and_200_and_audit_each(
     assert audit[2]["key_id"] == "ops" and audit[2]["query"] == INJECTIONS[0]
     assert audit[2]["hits"] == 0 and audit[2]["k"] == 10 and audit[2]["ts"]
     assert all(key not in r.getMessage() for r in caplog.records)
+
+
+async def test_the_label_reaches_the_searcher_as_filters_and_the_audit_as_a_label(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    searcher = _Searcher()
+    access = SearchAccess(ApiKeys.parse(""), bind_host="127.0.0.1", allow_anonymous=False)
+    views = SearchViews(batcher=None, searcher=searcher, access=access)
+    caplog.set_level("INFO", logger="inflow.audit")
+    items = [("q", "hi"), ("label", "pos:1"), ("k", "3")]
+    assert (await views.handle("search", items, 20, CIMultiDict(), None))[0] == 200
+    assert searcher.calls == [("hi", {"filters": SearchFilters(label="pos:1"), "k": 3})]
+    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "inflow.audit"]
+    assert audit[-1]["label"] == "pos:1" and audit[-1]["k"] == 3
 
 
 # --------------------------------------------------------------------------- Kafka options
