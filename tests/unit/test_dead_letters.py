@@ -17,9 +17,9 @@ from schemas import encode_event, parse_dead_letter_headers
 from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.delivery.deadletter import DeadLetterTooLarge, fit_dead_letter
 from streams.delivery.infer import InferStage, InferTopics
-from streams.ops.metrics import Metrics
 from streams.delivery.records import InputRecord, RecordLimits, record_size
 from streams.delivery.retry import RetryPolicy
+from streams.ops.metrics import Metrics
 from tests.fakes import FakeEngine, FakePublisher
 
 TOPICS = InferTopics("preds", "texts.dlq")

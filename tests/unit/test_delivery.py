@@ -15,9 +15,9 @@ from indexer.errors import IndexRequestError, IndexSetupError, IndexUnavailable
 from streams.delivery.flow import InFlightBudget
 from streams.delivery.index import IndexStage
 from streams.delivery.infer import InputRecord
+from streams.delivery.retry import RetryPolicy, is_retriable
 from streams.ops.logs import RepeatFilter
 from streams.ops.metrics import Metrics
-from streams.delivery.retry import RetryPolicy, is_retriable
 from tests.fakes import FakePublisher
 from tests.unit.test_stages import _predictions
 

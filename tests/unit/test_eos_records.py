@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from schemas import encode_event, parse_dead_letter_headers
-from streams.delivery.batcher import Batcher, BatchPolicy, ItemResult
 from streams.config import Settings
+from streams.delivery.batcher import Batcher, BatchPolicy, ItemResult
 from streams.delivery.eos import TransactionalInfer
 from streams.ops.metrics import Metrics
 from tests.fakes import FakeEngine

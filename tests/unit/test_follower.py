@@ -17,9 +17,9 @@ from engines.errors import EngineLoadError
 from engines.registry import ACCEPTED, Manifest, Registry
 from engines.types import Engine
 from streams.delivery.batcher import Batcher, BatchPolicy
-from streams.rollout.follower import EngineFollower
 from streams.ops.health import WorkerHealth
 from streams.ops.metrics import Metrics
+from streams.rollout.follower import EngineFollower
 from tests.fakes import LABELS, FakeEngine
 
 

@@ -21,9 +21,9 @@ from schemas import Prediction, decode_prediction, encode_event, parse_dead_lett
 from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.delivery.infer import InferStage, InferTopics
 from streams.delivery.ledger import OffsetLedger
-from streams.ops.metrics import Metrics
 from streams.delivery.records import InputRecord
 from streams.delivery.retry import RetryPolicy
+from streams.ops.metrics import Metrics
 from tests.fakes import FakeEngine, FakePublisher
 from tests.unit.test_ledger import FaustCommitState, Message
 

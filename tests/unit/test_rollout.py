@@ -24,9 +24,9 @@ from engines.registry import (
     RolloutRule,
 )
 from engines.types import BatchResult, TokenizedText
-from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.cli.compare import live_comparison
 from streams.cli.main import build_parser
+from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.ops.metrics import Metrics
 from streams.rollout.canary import (
     CandidateFailed,

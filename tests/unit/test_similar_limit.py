@@ -13,9 +13,9 @@ import pytest
 from multidict import CIMultiDict
 
 from indexer import SearchResult
-from streams.ops.auth import ApiKeys, new_key
-from streams.delivery.batcher import NoEngine
 from streams.config import Settings
+from streams.delivery.batcher import NoEngine
+from streams.ops.auth import ApiKeys, new_key
 from streams.ops.metrics import Metrics
 from streams.ops.web import SearchAccess, SearchServer, SearchViews, register_views
 
