@@ -65,7 +65,7 @@ def _services(settings: Settings) -> Iterator[Settings]:
 
 @contextlib.contextmanager
 def _worker(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    from streams.dev.services import free_port
+    from streams.dev.process import free_port
 
     port = free_port()
     env = {

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from streams.config import ConfigError, Settings
+from streams.config import Settings
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -106,6 +106,12 @@ def cmd_web_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from streams.cli.settings import run_settings
+
+    return run_settings(as_json=args.json)
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from streams.topics import ensure_topics_sync
 
@@ -122,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_batch_bench(args: argparse.Namespace) -> int:
-    from streams.cli.batch_bench import run_batch_bench
+    from streams.cli.bench.batch import run_batch_bench
 
     return run_batch_bench(
         _settings(args),
@@ -136,7 +142,7 @@ def cmd_batch_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_passages(args: argparse.Namespace) -> int:
-    from streams.cli.passages_bench import run_passages_bench
+    from streams.cli.bench.passages import run_passages_bench
 
     return run_passages_bench(
         _settings(args),
@@ -150,7 +156,7 @@ def cmd_bench_passages(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_knn(args: argparse.Namespace) -> int:
-    from streams.cli.knn_bench import run_knn_bench
+    from streams.cli.bench.knn import run_knn_bench
 
     return run_knn_bench(
         _settings(args),
@@ -166,8 +172,9 @@ def cmd_bench_knn(args: argparse.Namespace) -> int:
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     import json
 
-    from streams.cli.pipeline_bench import cpu_description, local_services
-    from streams.cli.scale_bench import as_json, run_scale_bench
+    from streams.cli.bench.machine import cpu_description
+    from streams.cli.bench.processes import local_services
+    from streams.cli.bench.scale import as_json, run_scale_bench
 
     with local_services(_settings(args)) as settings:
         results = run_scale_bench(
@@ -181,7 +188,7 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
-    from streams.cli.pipeline_bench import run_pipeline_bench
+    from streams.cli.bench.pipeline import run_pipeline_bench
 
     return run_pipeline_bench(
         _settings(args),
@@ -483,6 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     web_key.add_argument("key_id", help="a name for the key (audit lines carry it)")
     web_key.set_defaults(handler=cmd_web_key)
 
+    shown = sub.add_parser(
+        "settings",
+        help="the effective settings, secrets masked, each with where it came from "
+        "(flag, env, the dev.env file, default)",
+    )
+    shown.add_argument("--json", action="store_true", help="a JSON list of {name, value, source}")
+    shown.set_defaults(handler=cmd_settings)
+
     topics = sub.add_parser("topics", help="create Inflow's topics when missing")
     topics.add_argument("--partitions", type=int, default=None)
     topics.set_defaults(handler=cmd_topics)
@@ -602,10 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError]
-    from streams.dev.services import DevError
+    from streams.dev.console import DevError
 
-    errors.append(DevError)
+    errors: list[type[BaseException]] = [DevError]
     try:
         from engines.errors import EngineError
     except ImportError:
@@ -614,7 +628,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         errors.append(EngineError)
     from streams.errors import InflowError
 
-    errors.append(InflowError)
+    errors.append(InflowError)  # ConfigError among them
     try:
         from indexer.errors import IndexerError
     except ImportError:

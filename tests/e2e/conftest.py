@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streams.dev.services import free_port
+from streams.dev.process import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from engines.builder.data import sample_texts
 from engines.registry import Registry
 from schemas import encode_event
-from streams.dev.services import free_port
+from streams.dev.process import free_port
 from tests.chaos.harness import read_all
 from tests.e2e.conftest import ROOT, Names, Worker, WorkerFactory, read_topic
 from tests.e2e.test_pipeline import _indexed_ids, _produce

@@ -191,7 +191,7 @@ def test_worker_refuses_bad_configuration_with_one_line(tmp_path: Path) -> None:
 
 
 def test_unreachable_kafka_is_a_one_line_error(tmp_path: Path, engine_dir: Path) -> None:
-    from streams.dev.services import free_port
+    from streams.dev.process import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFLOW_")}
     env.update(

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from schemas import encode_event
-from streams.dev.services import free_port
+from streams.dev.process import free_port
 from streams.ops.metrics import CONTENT_TYPE_LATEST
 from tests.e2e.conftest import Names, WorkerFactory
 from tests.e2e.test_pipeline import _produce

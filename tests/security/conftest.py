@@ -28,16 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from streams.dev.services import (
-    DevError,
-    DevServices,
-    ServiceRecord,
-    fetch_kafka_jars,
-    free_port,
-    kafka_server_properties,
-    launch_apache_kafka,
-    stop_service,
-)
+from streams.dev.console import DevError
+from streams.dev.kafka import fetch_kafka_jars, kafka_server_properties, launch_apache_kafka
+from streams.dev.process import free_port
+from streams.dev.services import DevServices, ServiceRecord, stop_service
 from tests.e2e.conftest import engine_dir  # noqa: F401  (the e2e fixture, shared)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -29,10 +29,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from indexer import EsSettings, Searcher
-from streams.ops.auth import new_key
 from streams.config import Settings
-from streams.dev.services import free_port
+from streams.dev.process import free_port
 from streams.kafka import client_options, connection_problem
+from streams.ops.auth import new_key
 from streams.topics import ensure_topics_sync
 from tests.e2e.conftest import ROOT, Names, WorkerFactory
 from tests.security.conftest import Pki, SecureEs, SecureKafka

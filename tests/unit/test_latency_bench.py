@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from streams.cli.latency_bench import (
+from streams.cli.bench.latency import (
     ALL_CORES,
     PolicyRun,
     parse_policies,
@@ -76,7 +76,7 @@ def test_the_summary_compares_the_target_with_the_best_fixed_policy() -> None:
 
 
 def test_the_capacity_formula_is_bound_by_the_workers_cores_then_by_the_machine() -> None:
-    from streams.cli.scale_bench import ScaleRun, predict
+    from streams.cli.bench.scale import ScaleRun, predict
 
     # One worker on one core: 8 ms of its CPU per event (125/s), the services 2 ms.
     base = ScaleRun(1, "tweets", 1000, 120.0, 8.0, 2.0)

@@ -103,7 +103,7 @@ def test_ready_gauge_and_bulk_observer() -> None:
 def test_bench_reads_quantiles_from_two_scrapes_of_a_histogram() -> None:
     """`inflow bench pipeline` takes a phase's quantiles from the worker's histograms: the
     counts between two scrapes, linear inside the bucket that holds the quantile."""
-    from streams.cli.pipeline_bench import histogram_quantile
+    from streams.cli.bench.metrics import histogram_quantile
 
     before = {'x_bucket{le="10"}': 5.0, 'x_bucket{le="100"}': 5.0, 'x_bucket{le="+Inf"}': 5.0}
     # 100 observations in the phase: 50 below 10 ms, 48 in (10, 100], 2 above 100

@@ -22,21 +22,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from streams.cli.latency_bench import ALL_CORES
-from streams.cli.pipeline_bench import (
-    CpuSampler,
-    _unique,
-    collect,
-    cpu_description,
-    create_topics,
-    free_port,
-    produce_backlog,
+from streams.cli.bench.latency import ALL_CORES
+from streams.cli.bench.machine import CpuSampler, cpu_description
+from streams.cli.bench.processes import (
+    isolated_run,
     service_pids,
     start_worker,
     stop_process,
     wait_ready,
 )
+from streams.cli.bench.traffic import collect, create_topics, produce_backlog
 from streams.config import Settings
+from streams.dev.process import free_port
 
 SETTLE_S = 8.0  # after the last worker is ready: the group's last rebalance has ended
 
@@ -81,7 +78,7 @@ def texts_of(kind: str, n: int) -> list[str]:
 def run_workers(
     settings: Settings, texts: list[str], workers: int, kind: str, pids: dict[str, int]
 ) -> ScaleRun:
-    s, tag = _unique(settings, f"scale{workers}")
+    s, tag = isolated_run(settings, f"scale{workers}")
     partitions = max(4, 2 * workers)
     asyncio.run(
         create_topics(

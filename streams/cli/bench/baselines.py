@@ -7,7 +7,7 @@ same torch fp32 model Inflow's engines are built from (the reference model, no O
 Both publish a JSON prediction (label, scores, embedding) per event with stdlib `json` and do
 not index into Elasticsearch (which favours them). Bench code, never part of the worker.
 
-Run as `python -m streams.cli.baselines MODE BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP DATADIR`.
+Run as `python -m streams.cli.bench.baselines MODE BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP DATADIR`.
 """
 
 from __future__ import annotations

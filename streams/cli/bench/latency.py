@@ -23,22 +23,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from streams.cli.pipeline_bench import (
-    CpuSampler,
-    _unique,
-    collect,
-    collect_keys,
-    cpu_description,
-    histogram_quantile,
-    offer_load,
-    percentile,
-    produce_backlog,
-    scrape,
+from streams.cli.bench.machine import CpuSampler, cpu_description
+from streams.cli.bench.metrics import histogram_quantile, percentile, scrape
+from streams.cli.bench.processes import (
+    isolated_run,
     service_pids,
     start_worker,
     stop_process,
-    wait_indexed,
     wait_ready,
+)
+from streams.cli.bench.traffic import (
+    collect,
+    collect_keys,
+    offer_load,
+    produce_backlog,
+    wait_indexed,
 )
 from streams.config import Settings
 
@@ -166,7 +165,7 @@ def run_policy(
     its own drain rate)."""
     from streams.topics import ensure_topics_sync
 
-    s, tag = _unique(settings, "lat")
+    s, tag = isolated_run(settings, "lat")
     ensure_topics_sync(s)
     asyncio.run(produce_backlog(s, s.texts_topic, texts, tag))
     env = dict(policy.env)

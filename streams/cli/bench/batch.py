@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engines.types import Engine
-from streams.delivery.batcher import Batcher, BatchPolicy
 from streams.config import Settings
+from streams.delivery.batcher import Batcher, BatchPolicy
 
 
 @dataclass(frozen=True, slots=True)

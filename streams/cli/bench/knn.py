@@ -29,7 +29,8 @@ from elasticsearch.helpers import async_bulk
 
 from indexer import Searcher
 from streams.app import es_settings
-from streams.config import ConfigError, Settings
+from streams.config import Settings
+from streams.errors import ConfigError
 
 DIMS = 384
 CENTRES = 2_000

@@ -17,7 +17,8 @@ from pathlib import Path
 from engines.errors import EngineError
 from engines.types import Engine
 from indexer.evaluation import load_beir, shipped_set
-from streams.config import ConfigError, Settings
+from streams.config import Settings
+from streams.errors import ConfigError
 
 Example = tuple[str, str]  # (text, label)
 

@@ -1,0 +1,1 @@
+"""The benchmarks (`inflow bench ...`, `inflow batch-bench`): operator tooling, never the worker."""
