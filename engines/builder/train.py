@@ -317,9 +317,15 @@ def _finetune(
     index = {label: i for i, label in enumerate(model.labels)}
     items = tokenizer.tokenize([t for t, _ in train])
     targets = [index[label] for _, label in train]
+    # The embeddings stay as pre-trained: their gradient is a dense 30,522 x 384 matrix, and its
+    # backward pass and AdamW update made a step 1.27x as long (457 against 359 ms for 16 texts
+    # of 32 tokens, 2-vCPU EPYC) for no measured gain (tweets 0.760 and IMDB 0.840 either way).
+    embeddings: torch.nn.Module = getattr(model.encoder, "embeddings")  # noqa: B009
+    for param in embeddings.parameters():
+        param.requires_grad_(False)
     optimizer = torch.optim.AdamW(
         [
-            {"params": model.encoder.parameters(), "lr": lr},
+            {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": lr},
             {"params": model.head.parameters(), "lr": head_lr},
         ],
         weight_decay=0.01,
