@@ -1,14 +1,16 @@
 """What a team installs: the built wheel, no extras, in a fresh virtualenv without torch.
 
-The wheel is built from this checkout, installed into a new virtualenv (its dependencies come
-from the package index, through pip's cache), and its `inflow` console script runs a worker
-against the suite's genuine services on the engine that the build install (this checkout's
-`[build]` extra) made: texts in, predictions and documents out.
-"""
+The wheel is built from a copy of this checkout's files as git sees them (tracked, or untracked
+and not ignored: what a clean clone holds; setuptools' `build/` then stays out of the tree),
+installed into a new virtualenv (its dependencies come from the package index, through pip's
+cache), and its `inflow` console script runs a worker against the suite's genuine services on
+the engine that the build install (this checkout's `[build]` extra) made: texts in, predictions
+and documents out."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -55,6 +57,18 @@ def serving_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh virtualenv with `pip install inflow-*.whl` (no extras)."""
     root = tmp_path_factory.mktemp("serving")
     dist = root / "dist"
+    source = root / "source"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():  # a tracked file deleted in the work tree is not copied
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     subprocess.run(
         [
             sys.executable,
@@ -66,7 +80,7 @@ def serving_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "-q",
             "-w",
             str(dist),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         timeout=300,
