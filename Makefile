@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lint typecheck engine unit integration bench serving-size down clean
+.PHONY: demo test venv lint typecheck unit integration bench serving-size down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,14 +28,8 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-# The engine the e2e tests need is built beside lint and mypy, not after them: a cold mypy takes
-# about 100 s on one core of a 2-vCPU machine, and the first `engine ensure` trains for minutes.
-test: venv
-	$(MAKE) --no-print-directory -j3 lint typecheck engine
+test: lint typecheck
 	$(BIN)/pytest
-
-engine: venv
-	$(BIN)/inflow engine ensure
 
 unit: venv
 	$(BIN)/pytest tests/unit
