@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from engines.builder.data import sample_texts
+from engines.load import load_engine
 from schemas import Prediction, decode_prediction, encode_event
 from streams.rollout.canary import routed
 from tests.e2e.conftest import Names, Worker, WorkerFactory, read_topic
@@ -40,6 +41,23 @@ async def _until(what: str, check: Callable[[], bool], timeout_s: float = 120) -
             return
         await asyncio.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def _borderline(registry_dir: Path, version: str, texts: list[str], n: int) -> list[str]:
+    """The `n` texts the active engine is least sure of (smallest gap between its two best
+    scores). fp32 and int8 disagree on about 2 % of texts, nearly all of them borderline: among
+    200 arbitrary texts a run of full agreement is likely enough to flake (a CI run had one);
+    among the 200 most borderline of 1,000 it is not."""
+    engine = load_engine(registry_dir, version, warmup=False)
+    try:
+        result = engine.predict(texts)
+    finally:
+        engine.close()
+    gaps = []
+    for text, scores in zip(texts, result.scores, strict=True):
+        best, second_best = sorted(scores.values(), reverse=True)[:2]
+        gaps.append((best - second_best, text))
+    return [text for _, text in sorted(gaps)[:n]]
 
 
 def _serving(worker: Worker, version: str, rollout: tuple[str, str] | None) -> bool:
@@ -79,12 +97,12 @@ async def test_shadow_canary_promote_and_roll_back_with_two_workers(
     texts = sample_texts(1000, seed=11)
     sent: dict[str, str] = {}  # event id -> key
 
-    async def publish(phase: str, n: int) -> None:
+    async def publish(phase: str, n: int, pool: list[str] | None = None) -> None:
         records = []
         for i, key in enumerate(KEYS[:n]):
             event_id = f"{phase}-{i}"
             sent[event_id] = key
-            text = texts[(len(sent) - 1) % len(texts)]
+            text = pool[i % len(pool)] if pool else texts[(len(sent) - 1) % len(texts)]
             records.append((key.encode(), encode_event(text, id=event_id)))
         await _produce(kafka_bootstrap, names.texts, records)
         await read_topic(kafka_bootstrap, names.predictions, len(sent), timeout_s=300)
@@ -157,7 +175,7 @@ async def test_shadow_canary_promote_and_roll_back_with_two_workers(
         "50",
     )
     await _until("canarying again", lambda: _serving(one, first, ("canary", second)))
-    await publish("breached", 200)
+    await publish("breached", 200, _borderline(registry_dir, first, texts, 200))
     await _until("the automatic rollback", lambda: _serving(one, first, None), timeout_s=60)
     ended = registry.rollout()
     assert ended is not None and ended.status == "rolled_back", ended
