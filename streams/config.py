@@ -91,7 +91,11 @@ Folder = Annotated[Path, BeforeValidator(_path)]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 Guarantee = Literal["at_least_once", "exactly_once"]
-LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+# Any case, as logging itself takes it (INFO, info).
+LogLevel = Annotated[
+    Literal["debug", "info", "warning", "error", "critical"],
+    BeforeValidator(lambda value: value.strip().lower() if isinstance(value, str) else value),
+]
 SECURITY_PROTOCOLS: tuple[str, ...] = get_args(SecurityProtocol)
 SASL_MECHANISMS: tuple[str, ...] = get_args(SaslMechanism)
 GUARANTEES: tuple[str, ...] = get_args(Guarantee)
@@ -312,7 +316,7 @@ class Settings(BaseSettings):
         description="/health/live fails when a partition has lag but its committed offset "
         "stood still this long",
     )
-    log_level: LogLevel = Field("info", description="the worker's log level")
+    log_level: LogLevel = Field("info", description="the worker's log level (`--loglevel` wins)")
     drift_window: int = Field(
         1000,
         ge=1,

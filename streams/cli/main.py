@@ -71,8 +71,10 @@ def cmd_dev_status(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from streams.worker import run_worker
 
-    settings = _settings(args, web_host=args.web_host, web_port=args.web_port)
-    return run_worker(settings, loglevel=args.loglevel)
+    settings = _settings(
+        args, web_host=args.web_host, web_port=args.web_port, log_level=args.loglevel
+    )
+    return run_worker(settings, loglevel=settings.log_level)
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
@@ -459,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run the agents and the web server")
     worker.add_argument("--web-host", default=None, help="default 127.0.0.1")
     worker.add_argument("--web-port", type=int, default=None, help="default 6066")
-    worker.add_argument("--loglevel", default="info")
+    worker.add_argument("--loglevel", default=None, help="default INFLOW_LOG_LEVEL, else info")
     worker.set_defaults(handler=cmd_worker)
 
     produce = sub.add_parser("produce", help="publish text events from a file or stdin")

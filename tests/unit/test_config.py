@@ -113,6 +113,13 @@ def test_bools_take_the_usual_words(raw: str, expected: bool, tmp_path: Path) ->
     assert Settings.load(env=env).es_verify_certs is expected
 
 
+@pytest.mark.parametrize(("raw", "expected"), [("WARNING", "warning"), (" Debug ", "debug")])
+def test_the_log_level_takes_any_case(raw: str, expected: str, tmp_path: Path) -> None:
+    env = {"INFLOW_STATE_DIR": str(tmp_path), "INFLOW_LOG_LEVEL": raw}
+    assert Settings.load(env=env).log_level == expected
+    assert Settings.load(env=env, overrides={"log_level": "ERROR"}).log_level == "error"
+
+
 def test_overrides_are_validated_like_the_environment(tmp_path: Path) -> None:
     env = {"INFLOW_STATE_DIR": str(tmp_path)}
     assert Settings.load(env=env, overrides={"max_batch_size": "16"}).max_batch_size == 16
