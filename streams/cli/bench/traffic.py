@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import Callable
 
 import msgspec
 
@@ -59,10 +60,16 @@ async def produce_backlog(settings: Settings, topic: str, texts: list[str], run:
         bar.close()
 
 
-async def collect(
-    settings: Settings, topic: str, expected: int, desc: str, timeout_s: float
+async def _first_timestamps(
+    settings: Settings,
+    topic: str,
+    wanted: Callable[[bytes], bool],
+    expected: int,
+    desc: str,
+    timeout_s: float,
 ) -> dict[bytes, int]:
-    """Read `topic` from the start until `expected` distinct keys arrived: key -> record ms."""
+    """Read `topic` from the start until `expected` distinct wanted keys arrived (or the
+    timeout passed): key -> the record timestamp (ms) of its first record."""
     from aiokafka import AIOKafkaConsumer
 
     from streams.kafka import client_options
@@ -81,15 +88,24 @@ async def collect(
     deadline = time.monotonic() + timeout_s
     try:
         while len(seen) < expected and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
             for records in batches.values():
                 for record in records:
-                    if record.key is not None and record.key not in seen:
-                        seen[record.key] = record.timestamp
+                    key = record.key
+                    if key is not None and key not in seen and wanted(key):
+                        seen[key] = record.timestamp
                         bar.update(1)
     finally:
         bar.close()
         await consumer.stop()
+    return seen
+
+
+async def collect(
+    settings: Settings, topic: str, expected: int, desc: str, timeout_s: float
+) -> dict[bytes, int]:
+    """Read `topic` from the start until `expected` distinct keys arrived: key -> record ms."""
+    seen = await _first_timestamps(settings, topic, lambda _key: True, expected, desc, timeout_s)
     if len(seen) < expected:
         raise RuntimeError(
             f"{desc}: {len(seen)} of {expected} predictions within {timeout_s:.0f} s"
@@ -131,33 +147,7 @@ async def collect_keys(
     settings: Settings, topic: str, keys: set[bytes], desc: str
 ) -> dict[bytes, int]:
     """Record timestamps (ms) of the predictions for `keys` (the topic holds older ones too)."""
-    from aiokafka import AIOKafkaConsumer
-
-    from streams.kafka import client_options
-
-    consumer = AIOKafkaConsumer(
-        topic,
-        **client_options(settings),
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=50,
-    )
-    await consumer.start()
-    got: dict[bytes, int] = {}
-    bar = progress(len(keys), desc)
-    deadline = time.monotonic() + 600
-    try:
-        while len(got) < len(keys) and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=200, max_records=5000)
-            for records in batches.values():
-                for record in records:
-                    if record.key in keys and record.key not in got:
-                        got[record.key] = record.timestamp
-                        bar.update(1)
-    finally:
-        bar.close()
-        await consumer.stop()
+    got = await _first_timestamps(settings, topic, keys.__contains__, len(keys), desc, 600)
     if len(got) < len(keys):
         raise RuntimeError(f"{desc}: {len(got)} of {len(keys)} predictions arrived")
     return got
